@@ -1,0 +1,1 @@
+"""sipak-jax: cervical-cell classification on SIPaKMeD with JAX/Flax."""
