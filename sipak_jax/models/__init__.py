@@ -1,0 +1,5 @@
+"""Model definitions (Flax NNX)."""
+
+from sipak_jax.models.resnet import DEPTHS, VARIANTS, ResNet
+
+__all__ = ["DEPTHS", "VARIANTS", "ResNet"]

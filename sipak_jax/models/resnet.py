@@ -1,0 +1,285 @@
+"""ResNet-18/34/50/101/152 in Flax NNX, laid out so that ImageNet weights convert one to one.
+
+Two variants, the two that published ImageNet weights use:
+
+- ``"v1"``: Keras applications (``keras.applications.ResNet50``): a downsampling bottleneck
+  block puts stride 2 on its first 1x1 convolution; every convolution has a bias; BatchNorm
+  epsilon 1.001e-5 and momentum 0.99.
+- ``"v1.5"``: torchvision (``torchvision.models.resnet50``): stride 2 on the 3x3 convolution;
+  convolutions without bias; BatchNorm epsilon 1e-5 and momentum 0.9 here (torchvision writes
+  the same thing as ``momentum=0.1``: it weights the new batch, NNX weights the old average).
+
+Images are NHWC, already normalised (``sipak_jax.preprocessing.normalize``). Parameters and
+BatchNorm statistics are float32; ``dtype`` is the computation type (``jnp.bfloat16`` on
+accelerators). Logits are returned as float32.
+
+Saliency needs the activations of any stage and their gradients: ``features(x, stage)`` runs
+the network up to the end of stage ``stage`` (1..4; 0 is the stem after max pooling) and
+``classify(h, stage)`` runs the rest, so ``model.classify(model.features(x, s), s) ==
+model(x)`` and ``jax.grad`` of ``classify`` is the gradient with respect to that stage.
+
+Attribute names follow torchvision (``conv1``, ``bn1``, ``layer1`` ... ``layer4``, blocks
+``conv1/bn1/conv2/bn2[/conv3/bn3]``, shortcut ``downsample_conv``/``downsample_bn``, head
+``fc``), so that ``sipak_jax.convert`` maps each tensor of a weights file by name.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# depth -> (block kind, blocks per stage)
+DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+VARIANTS = ("v1", "v1.5")
+NUM_STAGES = 4
+
+# Per variant: convolution bias, BatchNorm epsilon, BatchNorm momentum (NNX convention:
+# running = momentum * running + (1 - momentum) * batch).
+_VARIANT_SETTINGS = {
+    "v1": {"conv_bias": True, "bn_epsilon": 1.001e-5, "bn_momentum": 0.99},
+    "v1.5": {"conv_bias": False, "bn_epsilon": 1e-5, "bn_momentum": 0.9},
+}
+
+# He initialisation as torchvision does it (kaiming_normal_, mode="fan_out", relu).
+_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _Layers:
+    """Builds the convolutions and BatchNorms of one model with shared settings."""
+
+    def __init__(self, *, conv_bias, bn_epsilon, bn_momentum, dtype, rngs):
+        self.conv_bias = conv_bias
+        self.bn_epsilon = bn_epsilon
+        self.bn_momentum = bn_momentum
+        self.dtype = dtype
+        self.rngs = rngs
+
+    def conv(self, cin, cout, kernel, stride=1):
+        pad = (kernel - 1) // 2  # symmetric, as both Keras (ZeroPadding/SAME at stride 1) and torch
+        return nnx.Conv(
+            cin,
+            cout,
+            kernel_size=(kernel, kernel),
+            strides=(stride, stride),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=self.conv_bias,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_conv_init,
+            rngs=self.rngs,
+        )
+
+    def bn(self, features):
+        # Scale 1, bias 0: every residual branch is live in an untrained model (saliency of a
+        # fresh model would otherwise see dead branches).
+        return nnx.BatchNorm(
+            features,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            rngs=self.rngs,
+        )
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convolutions (ResNet-18/34). Stride on the first; the variants differ only in
+    convolution bias and BatchNorm settings."""
+
+    expansion = 1
+
+    def __init__(self, cin, width, stride, layers: _Layers):
+        cout = width * self.expansion
+        self.conv1 = layers.conv(cin, width, 3, stride)
+        self.bn1 = layers.bn(width)
+        self.conv2 = layers.conv(width, width, 3)
+        self.bn2 = layers.bn(cout)
+        if stride != 1 or cin != cout:
+            self.downsample_conv = layers.conv(cin, cout, 1, stride)
+            self.downsample_bn = layers.bn(cout)
+        else:
+            self.downsample_conv = None
+            self.downsample_bn = None
+
+    def __call__(self, x):
+        shortcut = x
+        if self.downsample_conv is not None:
+            shortcut = self.downsample_bn(self.downsample_conv(x))
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return jax.nn.relu(y + shortcut)
+
+
+class Bottleneck(nnx.Module):
+    """1x1 -> 3x3 -> 1x1 (x4 channels). ``v1`` strides the first 1x1, ``v1.5`` the 3x3."""
+
+    expansion = 4
+
+    def __init__(self, cin, width, stride, layers: _Layers, variant: str):
+        cout = width * self.expansion
+        s1, s2 = (stride, 1) if variant == "v1" else (1, stride)
+        self.conv1 = layers.conv(cin, width, 1, s1)
+        self.bn1 = layers.bn(width)
+        self.conv2 = layers.conv(width, width, 3, s2)
+        self.bn2 = layers.bn(width)
+        self.conv3 = layers.conv(width, cout, 1)
+        self.bn3 = layers.bn(cout)
+        if stride != 1 or cin != cout:
+            self.downsample_conv = layers.conv(cin, cout, 1, stride)
+            self.downsample_bn = layers.bn(cout)
+        else:
+            self.downsample_conv = None
+            self.downsample_bn = None
+
+    def __call__(self, x):
+        shortcut = x
+        if self.downsample_conv is not None:
+            shortcut = self.downsample_bn(self.downsample_conv(x))
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return jax.nn.relu(y + shortcut)
+
+
+def _max_pool_3x3_s2(x):
+    """3x3 max pooling, stride 2, padding 1 (torch's MaxPool2d(3, 2, 1); Keras pads with zeros
+    after a ReLU, which gives the same result because the input is non-negative)."""
+    init = jnp.array(-jnp.inf, dtype=x.dtype)
+    return jax.lax.reduce_window(
+        x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+
+
+class ResNet(nnx.Module):
+    """A ResNet classifier (see the module docstring for the variants).
+
+    Args:
+      depth: 18, 34, 50, 101 or 152 (picks the block kind and, unless ``stage_sizes`` is
+        given, the number of blocks per stage).
+      num_classes: size of the head. 0 builds no head: ``model(x)`` then returns the pooled
+        features [B, C] (what a Keras ``_notop`` file converts to).
+      variant: ``"v1.5"`` (torchvision) or ``"v1"`` (Keras).
+      width: channels of the stem and of the first stage's blocks (64 in the real networks;
+        8 makes a tiny test model).
+      dropout_rate: dropout before the head (training mode only).
+      dtype: computation type; parameters and statistics stay float32.
+      stage_sizes: blocks per stage, overriding the depth table (e.g. ``(1, 1, 1, 1)``).
+      bn_momentum: overrides the variant's BatchNorm momentum (NNX convention).
+      rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` when ``dropout_rate > 0``).
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        *,
+        variant: str = "v1.5",
+        width: int = 64,
+        dropout_rate: float = 0.0,
+        dtype=jnp.float32,
+        stage_sizes: tuple[int, ...] | None = None,
+        bn_momentum: float | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if depth not in DEPTHS:
+            raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"ResNet variant must be one of {VARIANTS}, got {variant!r}")
+        kind, default_sizes = DEPTHS[depth]
+        stage_sizes = tuple(default_sizes if stage_sizes is None else stage_sizes)
+        if len(stage_sizes) != NUM_STAGES or min(stage_sizes) < 1:
+            raise ValueError(f"stage_sizes must be 4 positive ints, got {stage_sizes!r}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        settings = dict(_VARIANT_SETTINGS[variant])
+        if bn_momentum is not None:
+            settings["bn_momentum"] = bn_momentum
+
+        self.depth = depth
+        self.variant = variant
+        self.width = width
+        self.num_classes = num_classes
+        self.stage_sizes = stage_sizes
+        self.dtype = dtype
+
+        layers = _Layers(dtype=dtype, rngs=rngs, **settings)
+        self.conv1 = layers.conv(3, width, 7, 2)
+        self.bn1 = layers.bn(width)
+
+        cin = width
+        for stage, n_blocks in enumerate(stage_sizes, start=1):
+            w = width * 2 ** (stage - 1)
+            blocks = []
+            for i in range(n_blocks):
+                stride = 2 if (i == 0 and stage > 1) else 1
+                if kind == "basic":
+                    block = BasicBlock(cin, w, stride, layers)
+                else:
+                    block = Bottleneck(cin, w, stride, layers, variant)
+                blocks.append(block)
+                cin = w * block.expansion
+            setattr(self, f"layer{stage}", nnx.List(blocks))
+        self.num_features = cin
+
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate > 0 else None
+        if num_classes > 0:
+            self.fc = nnx.Linear(cin, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        else:
+            self.fc = None
+
+    def _stage(self, stage: int):
+        return getattr(self, f"layer{stage}")
+
+    def features(self, x: jax.Array, stage: int = 4) -> jax.Array:
+        """Activations at the end of stage ``stage`` (1..4; 0: the stem after max pooling)."""
+        _check_stage(stage)
+        x = jnp.asarray(x, self.dtype)
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = _max_pool_3x3_s2(x)
+        for s in range(1, stage + 1):
+            for block in self._stage(s):
+                x = block(x)
+        return x
+
+    def classify(self, h: jax.Array, stage: int = 4) -> jax.Array:
+        """Logits (float32) from stage ``stage``'s activations: the later stages, global average
+        pooling, dropout and the head (or the pooled features when there is no head)."""
+        _check_stage(stage)
+        x = jnp.asarray(h, self.dtype)
+        for s in range(stage + 1, NUM_STAGES + 1):
+            for block in self._stage(s):
+                x = block(x)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if self.fc is None:
+            return x
+        return self.fc(x.astype(self.dtype)).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits [B, num_classes] (float32) for normalised NHWC images."""
+        return self.classify(self.features(x, NUM_STAGES), NUM_STAGES)
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this architecture (metadata ``model``)."""
+        out = {
+            "depth": self.depth,
+            "variant": self.variant,
+            "num_classes": self.num_classes,
+            "width": self.width,
+        }
+        if self.stage_sizes != DEPTHS[self.depth][1]:
+            out["stage_sizes"] = list(self.stage_sizes)
+        return out
+
+
+def _check_stage(stage):
+    if not isinstance(stage, int) or not 0 <= stage <= NUM_STAGES:
+        raise ValueError(f"stage must be an int in 0..{NUM_STAGES}, got {stage!r}")

@@ -1,0 +1,494 @@
+"""Predict on new cell images: `python -m sipak_jax.predict --checkpoint=DIR --output=FILE`.
+
+    python -m sipak_jax.predict --checkpoint=WORKDIR --output=preds.jsonl cells/ extra.png
+    python -m sipak_jax.predict --checkpoint=WORKDIR --output=preds.csv \
+        --explain=gradcam --overlays=overlays/ cells/
+
+`--checkpoint` is a model DIR (a training workdir: its best checkpoint; or a converted-weights
+DIR), loaded by `sipak_jax.model_io.load_model_dir`. Each image goes through exactly the
+evaluation's preprocessing (`sipak_jax.preprocessing`: `read_image` converts BMP/PNG/JPEG/TIFF,
+grayscale, RGBA and 16-bit to uint8 RGB; `preprocess_image` resizes with the model's policy and
+size; `normalize` inside the jitted forward pass), in batches through one compiled function
+(the last batch is padded, so it compiles once). Probabilities are softmax(logits / T) with the
+model's `metadata["temperature"]` (fitted on validation at the end of training; 1 if absent).
+
+Output, one row per input file (`.jsonl`: one JSON object a line; `.csv`: the same as columns):
+- `path`: the file as given, or found under a given directory (walked recursively, sorted;
+  files with an image extension, see `IMAGE_EXTENSIONS`; others are listed on stderr);
+- `label`, `label_index`: the predicted class (argmax) and its index;
+- `probabilities`: the full vector in class-index order (CSV: one `p_<class>` column each);
+- `class_names` (jsonl only; the CSV names the classes in its `p_<class>` headers);
+- for the five SIPaKMeD classes (null for any other model, e.g. a 1000-class ImageNet one):
+  `label_3class` (normal / benign / abnormal) and `label_2class` (normal / abnormal): the
+  argmax of the probabilities summed per group, as `sipak_jax.metrics` computes them;
+  `p_abnormal` (Koilocytotic + Dyskeratotic); `flagged` (the 2-class reading is abnormal);
+  `bethesda`: the Bethesda System reading of the 5-class label (`classes.BETHESDA`);
+- `temperature`; `overlay`: the saliency overlay PNG (with `--explain`), else null;
+- `error`: null, or why the file could not be read. Such a row has only `path` and `error`;
+  the other files are still processed and the exit status is 1.
+
+Output safety: the output file (and every overlay) is refused if it exists, unless
+`--overwrite`. Overlay files are named from the input's stem (characters outside
+`[A-Za-z0-9._-]` replaced, `-2`, `-3` ... appended on collisions) and always lie inside
+`--overlays`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from sipak_jax import classes
+
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+OUTPUT_FORMATS = (".jsonl", ".csv")
+DEFAULT_BATCH_SIZE = 32
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Predictor",
+    "collect_inputs",
+    "main",
+    "overlay_name",
+    "predict_files",
+    "reading",
+    "write_rows",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def collect_inputs(inputs: Iterable[str], exclude: Iterable[str] = ()) -> tuple[list, list]:
+    """Expand files and directories into what to predict, in command-line order.
+
+    Returns (entries, skipped). Each entry is a file path (str; a directory's image files
+    sorted by path) or an error row ({"path", "error"}) for an input that does not exist or a
+    directory without any image file. `skipped`: files found under directories without an
+    image extension. Paths under `exclude` (e.g. the overlay directory) are left out.
+    """
+    excluded = [os.path.abspath(e) for e in exclude]
+
+    def is_excluded(p):
+        ap = os.path.abspath(p)
+        return any(ap == e or ap.startswith(e + os.sep) for e in excluded)
+
+    entries, skipped = [], []
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = []
+            for root, dirs, names in os.walk(item):
+                dirs.sort()
+                for name in names:
+                    p = os.path.join(root, name)
+                    if is_excluded(p):
+                        continue
+                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                        found.append(p)
+                    else:
+                        skipped.append(p)
+            if not found:
+                entries.append(
+                    {
+                        "path": item,
+                        "error": f"directory holds no image file ({', '.join(IMAGE_EXTENSIONS)})",
+                    }
+                )
+            entries.extend(sorted(found))
+        elif os.path.exists(item):
+            entries.append(item)  # given explicitly: tried whatever its extension
+        else:
+            entries.append({"path": item, "error": "no such file or directory"})
+    return entries, skipped
+
+
+def _read(path: str, spec: dict):
+    """(uint8 [S, S, 3] network input, None) or (None, error message)."""
+    from sipak_jax import preprocessing
+
+    try:
+        rgb = preprocessing.read_image(path)
+        return preprocessing.preprocess_image(rgb, spec), None
+    except (OSError, ValueError) as e:
+        return None, str(e) or type(e).__name__
+    except Exception as e:  # noqa: BLE001 - e.g. cv2.error on an exotic file: report, go on
+        return None, f"{type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+
+class Predictor:
+    """A model and its metadata as one jitted function: uint8 images -> logits / probabilities.
+
+    `metadata` is a model DIR's metadata (`preprocessing`, `class_names`, optional
+    `temperature`). Batches are padded to `batch_size` so the function compiles once.
+    """
+
+    def __init__(self, model, metadata: dict, batch_size: int = DEFAULT_BATCH_SIZE):
+        import jax
+        from flax import nnx
+
+        from sipak_jax import preprocessing
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        spec = metadata.get("preprocessing")
+        if spec is None:
+            raise ValueError("model metadata lacks 'preprocessing' (see docs/architecture.md).")
+        preprocessing.validate_spec(spec)
+        if "image_size" not in spec:
+            raise ValueError("model metadata 'preprocessing' lacks 'image_size'.")
+        self.spec = dict(spec)
+        self.image_size = int(spec["image_size"])
+        num_classes = int(metadata.get("model", {}).get("num_classes", 0)) or None
+        names = metadata.get("class_names")
+        if names is None:
+            if num_classes != len(classes.CLASS_NAMES):
+                raise ValueError("model metadata lacks 'class_names'.")
+            names = classes.CLASS_NAMES
+        self.class_names = tuple(str(n) for n in names)
+        t = metadata.get("temperature")
+        self.temperature = 1.0 if t is None else float(t)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"model metadata 'temperature' must be > 0, got {t!r}.")
+        self.batch_size = int(batch_size)
+        self.model = model
+        model.eval()
+        graphdef, state = nnx.split(model)
+        self._state = state
+
+        def forward(state, images_uint8):
+            m = nnx.merge(graphdef, state)
+            return m(preprocessing.normalize(images_uint8, spec)).astype("float32")
+
+        self._forward = jax.jit(forward)
+        self._saliency_fns = None
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> float32 logits [N, K], in padded batches of `batch_size`."""
+        images = np.asarray(images)
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
+            raise ValueError(
+                f"images must be uint8 [N, {s}, {s}, 3], got {images.dtype} {images.shape}"
+            )
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n, s, s, 3), np.uint8)
+                chunk = np.concatenate([chunk, pad])
+            out.append(np.asarray(self._forward(self._state, chunk))[:n])
+        k = len(self.class_names)
+        logits = np.concatenate(out) if out else np.zeros((0, k), np.float32)
+        if logits.shape[1] != k:
+            raise ValueError(f"the model outputs {logits.shape[1]} logits for {k} class names")
+        return logits
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """softmax(logits / temperature), float64 [N, K]."""
+        from sipak_jax.calibration import softmax
+
+        return softmax(self.logits(images), self.temperature)
+
+    def explain(self, images: np.ndarray, method: str, targets: np.ndarray) -> np.ndarray:
+        """Saliency maps in [0, 1], [N, S, S], of `targets` (class indices), by `method`."""
+        import jax.numpy as jnp
+
+        from sipak_jax import preprocessing, saliency
+
+        if self._saliency_fns is None:
+            self._saliency_fns = saliency.ModelFunctions(self.model)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = np.asarray(images[start : start + self.batch_size])
+            tgt = np.asarray(targets[start : start + self.batch_size], np.int32)
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = self.batch_size - n
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
+                tgt = np.concatenate([tgt, np.zeros(pad, np.int32)])
+            x = preprocessing.normalize(jnp.asarray(chunk), self.spec)
+            result = saliency.explain(self._saliency_fns, x, method, target=tgt, spec=self.spec)
+            out.append(np.asarray(result.normalized)[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows.
+
+
+def reading(probs: np.ndarray, class_names: Sequence[str]) -> dict:
+    """The clinical fields of one prediction (probabilities [K] in `class_names` order)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    idx = int(np.argmax(probs))
+    row = {
+        "label": str(class_names[idx]),
+        "label_index": idx,
+        "probabilities": [float(p) for p in probs],
+        "class_names": list(class_names),
+        "label_3class": None,
+        "label_2class": None,
+        "p_abnormal": None,
+        "flagged": None,
+        "bethesda": None,
+    }
+    if tuple(class_names) == classes.CLASS_NAMES:
+        from sipak_jax.metrics import grouped_probabilities
+
+        p3 = grouped_probabilities(probs[None], classes.LABEL_3CLASS, len(classes.CLASS_NAMES_3))
+        p2 = grouped_probabilities(probs[None], classes.LABEL_2CLASS, len(classes.CLASS_NAMES_2))
+        label2 = classes.CLASS_NAMES_2[int(np.argmax(p2[0]))]
+        row.update(
+            label_3class=classes.CLASS_NAMES_3[int(np.argmax(p3[0]))],
+            label_2class=label2,
+            p_abnormal=float(p2[0, classes.CLASS_NAMES_2.index("abnormal")]),
+            flagged=label2 == "abnormal",
+            bethesda=classes.BETHESDA[row["label"]],
+        )
+    return row
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def overlay_name(path: str, suffix: str, taken: set) -> str:
+    """A file name for `path`'s overlay: its sanitised stem + `suffix`, unique within `taken`
+    (which it updates). Never contains a path separator or starts with a dot."""
+    stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    stem = _SAFE.sub("_", stem).lstrip(".") or "image"
+    stem = stem[:120]
+    name, n = f"{stem}{suffix}", 1
+    while name.lower() in taken:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    taken.add(name.lower())
+    return name
+
+
+def _inside(directory: str, path: str) -> bool:
+    d, p = os.path.realpath(directory), os.path.realpath(path)
+    return os.path.commonpath([d, p]) == d and p != d
+
+
+def _overlay_image(image_uint8: np.ndarray, heat01: np.ndarray) -> np.ndarray:
+    """uint8 RGB: the image with the saliency map blended on top (JET colours, 40%)."""
+    import cv2
+
+    try:  # the saliency engineer's renderer, when present
+        from sipak_jax.saliency import overlay as _ov
+
+        return np.asarray(_ov.overlay(image_uint8, heat01), np.uint8)
+    except (ImportError, AttributeError):
+        pass
+    heat = np.clip(np.asarray(heat01, np.float64), 0, 1)
+    colour = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    blended = 0.6 * image_uint8.astype(np.float64) + 0.4 * colour.astype(np.float64)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def predict_files(
+    predictor: Predictor,
+    paths: Sequence[str],
+    *,
+    explain: str | None = None,
+    overlays_dir: str | None = None,
+    overwrite: bool = False,
+    workers: int = 4,
+) -> list[dict]:
+    """One row per path (module docstring); unreadable files get {"path", "error"} rows."""
+    import cv2
+
+    if explain and not overlays_dir:
+        raise ValueError("--explain needs --overlays=DIR for the overlay images")
+    if overlays_dir:
+        os.makedirs(overlays_dir, exist_ok=True)
+    taken: set = set()
+    rows: list[dict] = []
+    step = predictor.batch_size
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, len(paths), step):
+            batch_paths = list(paths[start : start + step])
+            decoded = list(pool.map(lambda p: _read(p, predictor.spec), batch_paths))
+            ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
+            probs = (
+                predictor.probabilities(np.stack([decoded[i][0] for i in ok]))
+                if ok
+                else np.zeros((0, len(predictor.class_names)))
+            )
+            maps = None
+            if explain and ok:
+                images = np.stack([decoded[i][0] for i in ok])
+                maps = predictor.explain(images, explain, probs.argmax(1))
+            by_index = {i: j for j, i in enumerate(ok)}
+            for i, path in enumerate(batch_paths):
+                if i not in by_index:
+                    rows.append({"path": path, "error": decoded[i][1]})
+                    continue
+                j = by_index[i]
+                row = {"path": path, **reading(probs[j], predictor.class_names)}
+                row["temperature"] = predictor.temperature
+                row["overlay"] = None
+                if maps is not None:
+                    name = overlay_name(path, f"_{_SAFE.sub('_', explain)}.png", taken)
+                    target = os.path.join(overlays_dir, name)
+                    if not _inside(overlays_dir, target):  # cannot happen with overlay_name
+                        raise RuntimeError(f"overlay path {target} escapes {overlays_dir}")
+                    if os.path.exists(target) and not overwrite:
+                        row = {
+                            "path": path,
+                            "error": f"overlay {target} exists; pass --overwrite to replace it",
+                        }
+                    else:
+                        img = _overlay_image(decoded[i][0], maps[j])
+                        if not cv2.imwrite(target, img[..., ::-1]):
+                            row = {"path": path, "error": f"could not write overlay {target}"}
+                        else:
+                            row["overlay"] = target
+                row["error"] = None if "label" in row else row["error"]
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+
+def _csv_fields(class_names: Sequence[str]) -> list[str]:
+    return (
+        ["path", "label", "label_index", "label_3class", "label_2class", "bethesda"]
+        + ["p_abnormal", "flagged", "temperature"]
+        + [f"p_{n}" for n in class_names]
+        + ["overlay", "error"]
+    )
+
+
+def write_rows(rows: Sequence[dict], output: str, class_names: Sequence[str], overwrite=False):
+    """Write rows as `.jsonl` or `.csv` (by extension), atomically; refuse to overwrite."""
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in OUTPUT_FORMATS:
+        raise ValueError(f"--output must end in .jsonl or .csv, got {output!r}")
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if ext == ".jsonl":
+                for row in rows:
+                    f.write(json.dumps(row, allow_nan=False) + "\n")
+            else:
+                fields = _csv_fields(class_names)
+                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                writer.writeheader()
+                for row in rows:
+                    flat = {k: row.get(k) for k in fields}
+                    for name, p in zip(class_names, row.get("probabilities") or (), strict=False):
+                        flat[f"p_{name}"] = repr(float(p))
+                    writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sipak_jax.predict",
+        description="Classify cell images with a trained model DIR.",
+    )
+    p.add_argument("--checkpoint", required=True, help="model DIR (training workdir or converted)")
+    p.add_argument("--output", required=True, help="FILE.jsonl or FILE.csv")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--explain", default=None, help="saliency method for overlays, e.g. gradcam")
+    p.add_argument("--overlays", default=None, help="directory for the overlay PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (0 ok, 1 some file failed, 2 usage error)."""
+    args = _parser().parse_args(argv)
+    ext = os.path.splitext(args.output)[1].lower()
+    if ext not in OUTPUT_FORMATS:
+        print(f"error: --output must end in .jsonl or .csv, got {args.output!r}", file=sys.stderr)
+        return 2
+    if os.path.exists(args.output) and not args.overwrite:
+        print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    if args.explain and not args.overlays:
+        print("error: --explain needs --overlays=DIR", file=sys.stderr)
+        return 2
+    if args.overlays and not args.explain:
+        print("error: --overlays needs --explain=METHOD (e.g. gradcam)", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("error: --batch_size must be at least 1", file=sys.stderr)
+        return 2
+    if args.explain:
+        from sipak_jax import saliency
+
+        if args.explain not in saliency.METHODS:
+            print(
+                f"error: unknown --explain={args.explain!r}; one of {sorted(saliency.METHODS)}",
+                file=sys.stderr,
+            )
+            return 2
+
+    entries, skipped = collect_inputs(
+        args.inputs, exclude=[args.overlays, args.output] if args.overlays else [args.output]
+    )
+    if skipped:
+        kinds = Counter(os.path.splitext(p)[1].lower() or "(none)" for p in skipped)
+        print(
+            f"note: skipped {len(skipped)} files without an image extension under the given "
+            f"directories ({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))})",
+            file=sys.stderr,
+        )
+
+    from sipak_jax.model_io import load_model_dir
+
+    model, metadata = load_model_dir(args.checkpoint)
+    predictor = Predictor(model, metadata, batch_size=args.batch_size)
+    files = [e for e in entries if isinstance(e, str)]
+    predicted = iter(
+        predict_files(
+            predictor,
+            files,
+            explain=args.explain,
+            overlays_dir=args.overlays,
+            overwrite=args.overwrite,
+        )
+    )
+    rows = [next(predicted) if isinstance(e, str) else e for e in entries]
+    write_rows(rows, args.output, predictor.class_names, overwrite=args.overwrite)
+    failed = [r for r in rows if r.get("error")]
+    print(
+        f"wrote {len(rows)} rows to {args.output} ({len(rows) - len(failed)} predicted, "
+        f"{len(failed)} failed)",
+        file=sys.stderr,
+    )
+    for r in failed:
+        print(f"  failed: {r['path']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
