@@ -35,13 +35,21 @@ Ops (angles in degrees, counter-clockwise as `np.rot90` and `cv2.getRotationMatr
   a SIPaKMeD crop is one cell, and a box of 8% of it often misses the nucleus.
 
 Colour ops clip to [0, 255]. Evaluation uses no augmentation (deterministic).
-New ops: decorate a factory `f(**params) -> op(rng, image[H, W, C]) -> image` with
-`@register('name')`.
+
+Speed: consecutive geometric ops (rot90, flips, rotate, random_resized_crop) are composed into
+one affine map per example and the image is sampled once: one gather for a run of rot90/flips
+(exact, uint8 kept), one bilinear sampling for a run with a rotation or crop (less blur than
+resampling per op; out-of-image samples take the fill of the run's last rotate). Colour ops
+are elementwise and fuse with `normalize` under jit.
+
+New ops: decorate a factory with `@register('name')`; it returns either a pixel op
+`op(rng, image[H, W, C]) -> image` or a `Geometric` (an output->source pixel map).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -99,8 +107,20 @@ def parse_op(spec: str) -> tuple[str, tuple, dict]:
     return name, args, kwargs
 
 
+@dataclasses.dataclass(frozen=True)
+class Geometric:
+    """A geometric op: `matrix(rng, h, w)` is the 3x3 map from output pixel (x, y, 1) to source
+    pixel (pixel centres at integers). `exact` ops (rot90, flips) permute pixels; `fill` says
+    what enters from outside the image (see the module docstring)."""
+
+    matrix: Callable[[jax.Array, int, int], jax.Array]
+    exact: bool
+    fill: object = "edge"
+    square: bool = False
+
+
 @functools.lru_cache(maxsize=64)
-def build_ops(specs: tuple[str, ...]) -> tuple[Op, ...]:
+def build_ops(specs: tuple[str, ...]) -> tuple:
     """Parses and instantiates a config's op strings (validating their arguments now)."""
     ops = []
     for spec in specs:
@@ -118,10 +138,37 @@ def _as_specs(ops) -> tuple[str, ...]:
     return tuple(ops or ())
 
 
+def _apply_geometric(keys, images, run: list[Geometric]):
+    """One resampling for a run of consecutive geometric ops (their maps composed)."""
+    b, h, w, _ = images.shape
+    if any(g.square for g in run) and h != w:
+        raise ValueError(f"rot90 needs square images, got {h}x{w}.")
+
+    def one(key, image):
+        m = jnp.eye(3, dtype=jnp.float32)
+        for i, g in enumerate(run):  # out = g_k(...g_1(x)): source = M_1 @ ... @ M_k @ out
+            m = m @ g.matrix(jax.random.fold_in(key, i), h, w)
+        ys, xs = jnp.meshgrid(
+            jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
+        )
+        src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+        src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+        if all(g.exact for g in run):  # a pixel permutation: gather, exact, dtype kept
+            sx = jnp.clip(jnp.round(src_x).astype(jnp.int32), 0, w - 1)
+            sy = jnp.clip(jnp.round(src_y).astype(jnp.int32), 0, h - 1)
+            return jnp.take(image.reshape(h * w, -1), sy * w + sx, axis=0).reshape(image.shape)
+        fill = [g.fill for g in run if not g.exact][-1]
+        return sample_bilinear(image, src_x, src_y, _fill_value(fill, image))
+
+    return jax.vmap(one)(keys, images)
+
+
 def augment(rng: jax.Array, images: jax.Array, ops: Sequence[str], dtype=None) -> jax.Array:
     """Applies the config's ops (see the module docstring) to a batch [B, H, W, C].
 
-    Each example gets its own random draws, from `rng` split per example and per op. `dtype`
+    Each example gets its own random draws, from `rng` split per example and per op. Runs of
+    consecutive geometric ops are composed into one affine map and the image is sampled once
+    (exactly, by a gather, when the run holds only rot90/flips; bilinearly otherwise). `dtype`
     None keeps what the ops produce (uint8 if they are all exact, else float32 on the 0-255
     scale); `jnp.uint8` rounds and clips. Works inside and outside jit (ops are static).
     """
@@ -131,9 +178,18 @@ def augment(rng: jax.Array, images: jax.Array, ops: Sequence[str], dtype=None) -
     x = images
     if op_fns:
         keys = jax.random.split(rng, images.shape[0])
-        for i, op in enumerate(op_fns):
+        i, n = 0, len(op_fns)
+        while i < n:
             op_keys = jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
-            x = jax.vmap(op)(op_keys, x)
+            if isinstance(op_fns[i], Geometric):
+                j = i
+                while j < n and isinstance(op_fns[j], Geometric):
+                    j += 1
+                x = _apply_geometric(op_keys, x, list(op_fns[i:j]))
+                i = j
+            else:
+                x = jax.vmap(op_fns[i])(op_keys, x)
+                i += 1
     if dtype is not None and x.dtype != dtype:
         if jnp.issubdtype(dtype, jnp.integer):
             x = jnp.clip(jnp.round(x), 0, 255)
@@ -149,7 +205,7 @@ def make_augment(ops: Sequence[str], dtype=None) -> Callable[[jax.Array, jax.Arr
 
 
 # ---------------------------------------------------------------------------------------------
-# Geometric ops.
+# Geometric ops: 3x3 maps from output to source pixel coordinates.
 
 
 def _check_prob(p, name):
@@ -157,50 +213,72 @@ def _check_prob(p, name):
         raise ValueError(f"{name}: p must lie in [0, 1], got {p}.")
 
 
+def _maybe(rng, p, m):
+    """`m` with probability p, else the identity."""
+    if p >= 1:
+        return m
+    return jnp.where(jax.random.uniform(rng) < p, m, jnp.eye(3, dtype=jnp.float32))
+
+
+def _mat(rows):
+    return jnp.asarray(rows, jnp.float32)
+
+
 @register("rot90")
-def rot90(p: float = 1.0) -> Op:
+def rot90(p: float = 1.0) -> Geometric:
     _check_prob(p, "rot90")
 
-    def op(rng, image):
-        if image.shape[0] != image.shape[1]:
-            raise ValueError(f"rot90 needs square images, got {image.shape[:2]}.")
+    def matrix(rng, h, w):
         k_rng, p_rng = jax.random.split(rng)
         k = jax.random.randint(k_rng, (), 0, 4)
         if p < 1:
             k = jnp.where(jax.random.uniform(p_rng) < p, k, 0)
-        return jax.lax.switch(k, [functools.partial(jnp.rot90, k=j) for j in range(4)], image)
+        s = w - 1  # np.rot90(x, 1)[y, x] = x[x, s - y]
+        mats = jnp.stack(
+            [
+                _mat([[1, 0, 0], [0, 1, 0], [0, 0, 1]]),
+                _mat([[0, -1, s], [1, 0, 0], [0, 0, 1]]),
+                _mat([[-1, 0, s], [0, -1, s], [0, 0, 1]]),
+                _mat([[0, 1, 0], [-1, 0, s], [0, 0, 1]]),
+            ]
+        )
+        return mats[k]
 
-    return op
+    return Geometric(matrix, exact=True, square=True)
 
 
-def _flip_op(axis: int, p: float, name: str) -> Op:
+def _flip(axis: int, p: float, name: str) -> Geometric:
     _check_prob(p, name)
 
-    def op(rng, image):
-        return jnp.where(jax.random.uniform(rng) < p, jnp.flip(image, axis), image)
+    def matrix(rng, h, w):
+        if axis == 1:
+            m = _mat([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]])
+        else:
+            m = _mat([[1, 0, 0], [0, -1, h - 1], [0, 0, 1]])
+        return _maybe(rng, p, m)
 
-    return op
+    return Geometric(matrix, exact=True)
 
 
 @register("flip_lr")
-def flip_lr(p: float = 0.5) -> Op:
-    return _flip_op(1, p, "flip_lr")
+def flip_lr(p: float = 0.5) -> Geometric:
+    return _flip(1, p, "flip_lr")
 
 
 @register("flip_ud")
-def flip_ud(p: float = 0.5) -> Op:
-    return _flip_op(0, p, "flip_ud")
+def flip_ud(p: float = 0.5) -> Geometric:
+    return _flip(0, p, "flip_ud")
 
 
 @register("flip")
-def flip(p: float = 0.5) -> Op:
+def flip(p: float = 0.5) -> Geometric:
     lr, ud = flip_lr(p), flip_ud(p)
 
-    def op(rng, image):
+    def matrix(rng, h, w):
         a, b = jax.random.split(rng)
-        return ud(b, lr(a, image))
+        return lr.matrix(a, h, w) @ ud.matrix(b, h, w)
 
-    return op
+    return Geometric(matrix, exact=True)
 
 
 def border_colour(image: jax.Array) -> jax.Array:
@@ -226,7 +304,7 @@ def sample_bilinear(image: jax.Array, src_x: jax.Array, src_y: jax.Array, fill) 
     outside the image takes (weighted per corner, as OpenCV's BORDER_CONSTANT).
     """
     h, w, c = image.shape
-    flat = image.reshape(h * w, c).astype(jnp.float32)
+    flat = image.reshape(h * w, c)
     x0f, y0f = jnp.floor(src_x), jnp.floor(src_y)
     fx, fy = (src_x - x0f)[..., None], (src_y - y0f)[..., None]
     x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
@@ -238,10 +316,10 @@ def sample_bilinear(image: jax.Array, src_x: jax.Array, src_y: jax.Array, fill) 
                 xc, yc = _reflect101(xi, w), _reflect101(yi, h)
             else:  # edge
                 xc, yc = jnp.clip(xi, 0, w - 1), jnp.clip(yi, 0, h - 1)
-            return jnp.take(flat, yc * w + xc, axis=0)
+            return jnp.take(flat, yc * w + xc, axis=0).astype(jnp.float32)
         inside = ((xi >= 0) & (xi < w) & (yi >= 0) & (yi < h))[..., None]
         v = jnp.take(flat, jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1), axis=0)
-        return jnp.where(inside, v, fill)
+        return jnp.where(inside, v.astype(jnp.float32), fill)
 
     top = corner(x0, y0) * (1 - fx) + corner(x1, y0) * fx
     bottom = corner(x0, y1) * (1 - fx) + corner(x1, y1) * fx
@@ -256,21 +334,33 @@ def _fill_value(fill, image):
     return jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (image.shape[-1],))
 
 
-def rotate_image(image: jax.Array, angle_deg, fill="border") -> jax.Array:
-    """Rotates one image [H, W, C] by `angle_deg` counter-clockwise about its centre
-    ((W-1)/2, (H-1)/2), bilinear: the same map as
-    `cv2.warpAffine(image, cv2.getRotationMatrix2D(centre, angle, 1), (W, H))`. float32."""
-    h, w, _ = image.shape
+def rotation_matrix(angle_deg, h: int, w: int) -> jax.Array:
+    """Output -> source map of a counter-clockwise rotation by `angle_deg` about the image
+    centre ((W-1)/2, (H-1)/2): the inverse of `cv2.getRotationMatrix2D(centre, angle, 1)`."""
     theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32))
     a, b = jnp.cos(theta), jnp.sin(theta)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    return jnp.stack(
+        [
+            jnp.stack([a, -b, cx - a * cx + b * cy]),
+            jnp.stack([b, a, cy - b * cx - a * cy]),
+            jnp.asarray([0.0, 0.0, 1.0]),
+        ]
+    )
+
+
+def rotate_image(image: jax.Array, angle_deg, fill="border") -> jax.Array:
+    """Rotates one image [H, W, C] by `angle_deg` counter-clockwise about its centre,
+    bilinear: the same map as
+    `cv2.warpAffine(image, cv2.getRotationMatrix2D(centre, angle, 1), (W, H))`. float32."""
+    _check_fill(fill, "rotate_image")
+    h, w, _ = image.shape
+    m = rotation_matrix(angle_deg, h, w)
     ys, xs = jnp.meshgrid(
         jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
     )
-    dx, dy = xs - cx, ys - cy
-    # Inverse of OpenCV's forward map [[a, b], [-b, a]]: destination -> source.
-    src_x = a * dx - b * dy + cx
-    src_y = b * dx + a * dy + cy
+    src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+    src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
     return sample_bilinear(image, src_x, src_y, _fill_value(fill, image))
 
 
@@ -280,9 +370,9 @@ def _check_fill(fill, name):
             raise ValueError(
                 f"{name}: fill must be 'border', 'reflect', 'edge' or a colour, got {fill!r}."
             )
-    else:
+    elif not isinstance(fill, jax.Array):
         try:
-            vals = [float(v) for v in (fill if isinstance(fill, (tuple, list)) else [fill])]
+            vals = [float(v) for v in (fill if isinstance(fill, tuple | list) else [fill])]
         except (TypeError, ValueError):
             raise ValueError(f"{name}: fill must be a string or numbers, got {fill!r}.") from None
         if len(vals) not in (1, 3):
@@ -290,24 +380,24 @@ def _check_fill(fill, name):
 
 
 @register("rotate")
-def rotate(max_angle: float = 180.0, fill="border", p: float = 1.0) -> Op:
+def rotate(max_angle: float = 180.0, fill="border", p: float = 1.0) -> Geometric:
     _check_fill(fill, "rotate")
     _check_prob(p, "rotate")
     max_angle = float(max_angle)
 
-    def op(rng, image):
+    def matrix(rng, h, w):
         a_rng, p_rng = jax.random.split(rng)
         angle = jax.random.uniform(a_rng, (), jnp.float32, -max_angle, max_angle)
         angle = jnp.where(jax.random.uniform(p_rng) < p, angle, 0.0)
-        return rotate_image(image, angle, fill)
+        return rotation_matrix(angle, h, w)
 
-    return op
+    return Geometric(matrix, exact=False, fill=fill)
 
 
 @register("random_resized_crop")
 def random_resized_crop(
     scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)
-) -> Op:
+) -> Geometric:
     lo, hi = float(scale[0]), float(scale[1])
     rlo, rhi = math.log(float(ratio[0])), math.log(float(ratio[1]))
     if not 0 < lo <= hi <= 1:
@@ -315,8 +405,7 @@ def random_resized_crop(
     if not rlo <= rhi:
         raise ValueError(f"random_resized_crop: need ratio[0] <= ratio[1], got {ratio}.")
 
-    def op(rng, image):
-        h, w, _ = image.shape
+    def matrix(rng, h, w):
         k_area, k_ratio, k_x, k_y = jax.random.split(rng, 4)
         area = h * w * jax.random.uniform(k_area, (), jnp.float32, lo, hi)
         r = jnp.exp(jax.random.uniform(k_ratio, (), jnp.float32, rlo, rhi))
@@ -324,13 +413,17 @@ def random_resized_crop(
         bh = jnp.clip(jnp.sqrt(area / r), 1.0, h)
         x0 = jax.random.uniform(k_x, (), jnp.float32) * (w - bw)
         y0 = jax.random.uniform(k_y, (), jnp.float32) * (h - bh)
-        ys = jnp.arange(h, dtype=jnp.float32)[:, None]
-        xs = jnp.arange(w, dtype=jnp.float32)[None, :]
-        src_x = jnp.broadcast_to(x0 + (xs + 0.5) * (bw / w) - 0.5, (h, w))
-        src_y = jnp.broadcast_to(y0 + (ys + 0.5) * (bh / h) - 0.5, (h, w))
-        return sample_bilinear(image, src_x, src_y, "edge")
+        sx, sy = bw / w, bh / h  # output (x + 0.5) * sx - 0.5 + x0 (half-pixel centres)
+        zero = jnp.zeros((), jnp.float32)
+        return jnp.stack(
+            [
+                jnp.stack([sx, zero, x0 + 0.5 * sx - 0.5]),
+                jnp.stack([zero, sy, y0 + 0.5 * sy - 0.5]),
+                jnp.asarray([0.0, 0.0, 1.0]),
+            ]
+        )
 
-    return op
+    return Geometric(matrix, exact=False, fill="edge")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -752,9 +752,7 @@ def train_batches(
     return BatchIterator(produce(), mesh, prefetch)
 
 
-def eval_batches(
-    cache: Cache, global_batch_size: int, mesh, *, prefetch: int = 2
-) -> BatchIterator:
+def eval_batches(cache: Cache, global_batch_size: int, mesh, *, prefetch: int = 2) -> BatchIterator:
     """Every example once, in cache order; the last batch padded (`mask` False)."""
     local = _local_batch(cache, global_batch_size, mesh)
     steps = num_eval_steps(cache, global_batch_size)

@@ -87,7 +87,7 @@ def abstract_model(config: Mapping, **kwargs) -> ResNet:
 def weights_state(model: nnx.Module) -> dict:
     """The pure dict of the model's parameters and BatchNorm statistics: what a model DIR's
     checkpoint (and a training step's ``model`` item) holds. RNG state is left out."""
-    return nnx.state(model, _WEIGHTS).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, _WEIGHTS))
 
 
 def _path_str(path) -> str:
@@ -123,7 +123,7 @@ def merge_weights(
     skip = lambda path: any(p.fullmatch(path) or p.match(path) for p in patterns)
     flat_loaded = loaded if _is_flat(loaded) else flatten(loaded)
     state = nnx.state(model, _WEIGHTS)
-    flat_target = flatten(state.to_pure_dict())
+    flat_target = flatten(nnx.to_pure_dict(state))
 
     missing, misshaped, kept = [], [], []
     new_values = {}
@@ -174,7 +174,7 @@ def merge_weights(
         new = new_values.get(_path_str(path))
         return old if new is None else jnp.asarray(new, dtype=old.dtype)
 
-    pure = jax.tree_util.tree_map_with_path(pick, state.to_pure_dict())
+    pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     return kept

@@ -23,8 +23,6 @@ optimizer, sharding and state, update step, checkpoint, evals, loop, final evalu
   `DIR/cv_results.json` and `DIR/cv_results.md` (mean and standard deviation over folds).
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os
@@ -231,14 +229,15 @@ class TrainState:
     max_streak: jax.Array  # the longest such run since the last check
 
 
-# Accumulated on device inside the step; skipped (non-finite) steps count only in `skipped`.
-# (Collection.create: this module's postponed annotations would hide the field types.)
-TrainMetrics = clu_metrics.Collection.create(
-    loss=clu_metrics.Average,
-    accuracy=clu_metrics.Average,
-    grad_norm=clu_metrics.Average,
-    skipped=clu_metrics.Average,
-)
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    """Accumulated on device inside the step; skipped (non-finite) steps count only in
+    `skipped`."""
+
+    loss: clu_metrics.Average
+    accuracy: clu_metrics.Average
+    grad_norm: clu_metrics.Average
+    skipped: clu_metrics.Average
 
 
 def _replicate(tree, mesh):
@@ -329,7 +328,7 @@ def make_train_step(config, graphdef, rest, tx, spec, *, head_only: bool, num_cl
         def avg(v, m=mask):
             return clu_metrics.Average.from_model_output(v[None], mask=m)
 
-        step_metrics = TrainMetrics(
+        step_metrics = TrainMetrics.empty().replace(
             loss=avg(loss),
             accuracy=avg(accuracy),
             grad_norm=avg(grad_norm),
@@ -341,14 +340,14 @@ def make_train_step(config, graphdef, rest, tx, spec, *, head_only: bool, num_cl
 
 
 def make_eval_step(config, graphdef, rest, spec):
-    """(params, batch_stats, batch) -> (logits float32, label, mask), inference mode."""
+    """(params, batch_stats, batch) -> (logits float32, label, mask, index), inference mode."""
     dtype = _DTYPES[config.compute_dtype]
 
     def eval_fn(params, batch_stats, batch):
         model = nnx.merge(graphdef, params, batch_stats, *rest)
         model.eval()
         logits = model(preprocessing.normalize(batch["image"], spec, dtype=dtype))
-        return logits.astype(jnp.float32), batch["label"], batch["mask"]
+        return logits.astype(jnp.float32), batch["label"], batch["mask"], batch["index"]
 
     return eval_fn
 
@@ -411,20 +410,88 @@ def _sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def _prefetch(iterator: Iterator, size: int) -> Iterator:
-    """Keeps `size` batches (already device arrays) queued ahead of the step."""
-    if size <= 0:
-        yield from iterator
-        return
-    import collections
+class Data:
+    """The three subsets of one cross-validation round and their batch iterators
+    (`sipak_jax.input_pipeline`): `train` (the four training folds less the validation
+    clusters), `validation` (whole cluster images carved from them), `test` (the held-out
+    fold, read only at the end)."""
 
-    queue = collections.deque()
-    for item in iterator:
-        queue.append(item)
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    def __init__(self, config, data_dir: str, fold: int, mesh):
+        from sipak_jax import input_pipeline
+
+        self._ip = input_pipeline
+        self.config = config
+        self.mesh = mesh
+        kwargs = {}
+        if not data_dir and config.manual_dir:  # no TFDS (e.g. accelerator machines)
+            kwargs["manual_dir"] = os.path.expanduser(config.manual_dir)
+        self.caches = input_pipeline.load_folds(
+            data_dir or None,
+            config.dataset_config,
+            fold,
+            int(config.image_size),
+            config.resize,
+            os.path.expanduser(config.cache_dir) if config.cache_dir else None,
+            validation_fraction=float(config.val_fraction),
+            validation_seed=int(config.seed),
+            log=logging.info,
+            **kwargs,
+        )
+        self.batch_sharding = NamedSharding(mesh, P("data"))
+        self.steps_per_epoch = input_pipeline.steps_per_epoch(
+            self.caches["train"], int(config.batch_size)
+        )
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{self.num('train')} training examples do not fill one batch of "
+                f"config.batch_size={config.batch_size}; use a smaller batch"
+            )
+
+    def num(self, split: str) -> int:
+        return int(self.caches[split].num_examples)
+
+    def train_batches(self, start_step: int):
+        return self._ip.train_batches(
+            self.caches["train"],
+            int(self.config.batch_size),
+            self.mesh,
+            int(self.config.seed),
+            start_step,
+            prefetch=int(self.config.prefetch),
+        )
+
+    def eval_batches(self, split: str):
+        return self._ip.eval_batches(
+            self.caches[split], int(self.config.eval_batch_size), self.mesh,
+            prefetch=int(self.config.prefetch),
+        )
+
+    def examples(self, split: str) -> dict:
+        """{index: {file_name, cluster_id}} of this process's share of `split`."""
+        c = self.caches[split]
+        return {
+            int(i): {"file_name": str(f), "cluster_id": str(k)}
+            for i, f, k in zip(c.index, c.file_name, c.cluster_id, strict=True)
+        }
+
+    def fixed_images(self, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `n` images (uint8) and labels of `split` in this process's share."""
+        c = self.caches[split]
+        return c.image[:n], c.label[:n]
+
+    def shortcut_inputs(self):
+        """(shapes, colours, labels, is_test) over every example of every fold, or None with
+        several processes (each holds only its share)."""
+        if jax.process_count() > 1:
+            return None
+        parts = [self.caches[k] for k in ("train", "validation", "test")]
+        shapes = np.concatenate([c.crop_shape for c in parts])
+        colours = np.concatenate(
+            [np.concatenate([c.mean_colour, c.border_colour.astype(np.float32)], 1) for c in parts]
+        )
+        labels = np.concatenate([c.label for c in parts])
+        is_test = np.concatenate([np.full(len(c), k == 2) for k, c in enumerate(parts)])
+        return shapes, colours, labels, is_test
 
 
 # =============================================================================================
@@ -444,6 +511,8 @@ def _json_default(o):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
+    if isinstance(o, bytes):
+        return o.decode("utf-8", "replace")
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
@@ -470,9 +539,13 @@ class _StopSignal:
             signal.signal(sig, handler)
         return False
 
-    def should_stop(self) -> bool:
+    def should_stop(self, sync_point: bool) -> bool:
+        """True when a signal arrived. With several processes all must stop at the same step,
+        so they agree (a small all-gather) only at `sync_point`s (log steps, epoch ends)."""
         flag = self.received is not None
         if jax.process_count() > 1:
+            if not sync_point:
+                return False
             from jax.experimental import multihost_utils
 
             flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
@@ -490,12 +563,22 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def run_eval(eval_step, state: TrainState, batches) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [N, K] and labels [N] of every real (unmasked) example, in split order."""
+def run_eval(eval_step, state: TrainState, batches, *, with_index=False):
+    """Logits [N, K] and labels [N] of every real (unmasked) example, ordered by the
+    example's index in the split (the same order for any number of processes); with
+    `with_index`, the indices [N] too. One device->host transfer at the end."""
     outs = [eval_step(state.params, state.batch_stats, b) for b in batches]
-    logits, labels, masks = (np.concatenate(x) for x in zip(*jax.device_get(outs), strict=True))
-    masks = masks.astype(bool)
-    return logits[masks], labels[masks]
+    if not outs:
+        k = len(classes.CLASS_NAMES)
+        empty = (np.zeros((0, k), np.float32), np.zeros(0, np.int32))
+        return (*empty, np.zeros(0, np.int32)) if with_index else empty
+    logits, labels, masks, index = (
+        np.concatenate(x) for x in zip(*jax.device_get(outs), strict=True)
+    )
+    keep = masks.astype(bool)
+    order = np.argsort(index[keep], kind="stable")
+    logits, labels, index = logits[keep][order], labels[keep][order], index[keep][order]
+    return (logits, labels, index) if with_index else (logits, labels)
 
 
 def eval_summary(logits: np.ndarray, labels: np.ndarray, class_names) -> dict:
@@ -645,19 +728,17 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         )
 
     # ---- Input ------------------------------------------------------------------------
-    from sipak_jax import input_pipeline
-
     data_dir = prepare_dataset(config, workdir)
-    data = input_pipeline.create(config, data_dir=data_dir, fold=fold, mesh=mesh)
+    data = Data(config, data_dir, fold, mesh)
     steps_per_epoch = data.steps_per_epoch
     total_steps = int(config.num_epochs) * steps_per_epoch
     head_steps = int(config.head_epochs) * steps_per_epoch
     logging.info(
         "fold %d: %d train, %d validation, %d test examples; %d steps per epoch",
         fold,
-        data.num_train,
-        data.num_val,
-        data.num_test,
+        data.num("train"),
+        data.num("validation"),
+        data.num("test"),
         steps_per_epoch,
     )
 
@@ -695,9 +776,7 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         nonfinite_streak=_replicate(np.int32(0), mesh),
         max_streak=_replicate(np.int32(0), mesh),
     )
-    empty_metrics = _replicate(
-        jax.tree.map(np.asarray, jax.device_get(TrainMetrics.empty())), mesh
-    )
+    empty_metrics = jax.jit(TrainMetrics.empty, out_shardings=replicated)  # fresh buffers
 
     # ---- Update step ------------------------------------------------------------------
     def jitted(head_only):
@@ -765,14 +844,14 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
     if start_step == 0:
         writer.write_hparams(_flat_config(config))
     progress = _Progress(config, workdir, writer, total_steps, start_step, use_clu)
-    overlay = _OverlayWriter(config, data, graphdef, rest, spec, writer, class_names)
+    overlay = _OverlayWriter(config, data, graphdef, rest, spec, writer)
 
     # ---- Loop -------------------------------------------------------------------------
-    train_metrics = empty_metrics
+    train_metrics = empty_metrics()
     stopped = None
     max_nonfinite = int(config.max_nonfinite_steps)
     host_time = 0.0
-    train_iter = _prefetch(data.train_batches(start_step), int(config.prefetch))
+    train_iter = data.train_batches(start_step)
     with _StopSignal() as stop:
         step = start_step
         while step < total_steps:
@@ -785,14 +864,15 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
             step += 1
             progress(step)
             epoch_end = step % steps_per_epoch == 0
-            if step % int(config.log_every_steps) == 0 or epoch_end or step == total_steps:
+            log_step = step % int(config.log_every_steps) == 0 or epoch_end
+            if log_step or step == total_steps:
                 computed = jax.device_get(train_metrics.compute())
                 streak = int(jax.device_get(state.max_streak))
                 scalars = {f"train/{k}": float(v) for k, v in computed.items()}
                 scalars["train/learning_rate"] = float(schedules["backbone"](step - 1))
                 scalars["train/head_learning_rate"] = float(schedules["head"](step - 1))
                 writer.write_scalars(step, scalars)
-                train_metrics = empty_metrics
+                train_metrics = empty_metrics()
                 if streak >= max_nonfinite:
                     writer.flush()
                     ckpt.close()
@@ -820,7 +900,7 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
             elif ckpt.should_save(step):
                 with progress.timed("checkpoint"):
                     save(step, step // steps_per_epoch)
-            if stop.should_stop():
+            if stop.should_stop(sync_point=log_step):
                 with progress.timed("checkpoint"):
                     save(step, step // steps_per_epoch, force=True)
                 stopped = stop.received or "signal"
@@ -854,7 +934,9 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
     best_meta = ckpt.restore_meta(best) if best is not None else {}
     ckpt.close()
     val_logits, val_labels = run_eval(eval_step, state, data.eval_batches("validation"))
-    test_logits, test_labels = run_eval(eval_step, state, data.eval_batches("test"))
+    test_logits, test_labels, test_index = run_eval(
+        eval_step, state, data.eval_batches("test"), with_index=True
+    )
     results = final_results(
         config,
         workdir,
@@ -862,8 +944,8 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         best_step=best,
         best_epoch=best_meta.get("epoch"),
         val=(val_logits, val_labels),
-        test=(test_logits, test_labels),
-        test_examples=data.examples("test"),
+        test=(test_logits, test_labels, test_index),
+        data=data,
         class_names=class_names,
         metadata=metadata,
     )
@@ -911,40 +993,41 @@ def _brief(summary: dict) -> dict:
 
 
 class _OverlayWriter:
-    """Writes Grad-CAM overlays of the first `num_overlay_cells` validation cells each epoch."""
+    """Writes saliency overlays (Grad-CAM by default) of the first `num_overlay_cells`
+    validation cells after every epoch, for the true class (`sipak_jax.saliency.overlay`)."""
 
-    def __init__(self, config, data, graphdef, rest, spec, writer, class_names):
+    def __init__(self, config, data, graphdef, rest, spec, writer):
         self.n = int(config.num_overlay_cells)
         self.enabled = self.n > 0 and jax.process_index() == 0
         self.method = config.overlay_method
         self.graphdef, self.rest, self.spec = graphdef, rest, spec
         self.writer = writer
-        self.images = None
-        self.failed = False
+        self.fns = None
         if self.enabled:
-            self.images = data.fixed_images("validation", self.n)  # uint8 [n, S, S, 3] numpy
+            self.images, self.labels = data.fixed_images("validation", self.n)
+            self.enabled = len(self.images) > 0
 
     def __call__(self, step: int, state: TrainState):
-        if not self.enabled or self.failed or self.images is None or not len(self.images):
+        if not self.enabled:
             return
-        try:
-            from sipak_jax import saliency
-        except ImportError as e:  # pragma: no cover - saliency is part of the package
-            logging.warning("no overlays: %s", e)
-            self.failed = True
-            return
+        from sipak_jax.saliency import core, overlay
+
         params, stats = jax.device_get((state.params, state.batch_stats))
         model = nnx.merge(self.graphdef, params, stats, *self.rest)
         model.eval()
+        if self.fns is None:
+            self.fns = core.ModelFunctions(model)
+        else:
+            self.fns.update_state(model)
         try:
-            overlays = saliency.overlays_for_training(
-                model, self.images, self.spec, method=self.method
+            images = overlay.overlay_batch(
+                self.fns, self.images, self.spec, self.method, target=self.labels
             )
         except Exception as e:  # noqa: BLE001 - an overlay must never stop training
             logging.warning("overlays disabled after an error: %r", e)
-            self.failed = True
+            self.enabled = False
             return
-        self.writer.write_images(step, {f"val/{self.method}": np.asarray(overlays)})
+        self.writer.write_images(step, {f"val_overlays/{self.method}": np.asarray(images)})
 
 
 # =============================================================================================
@@ -952,13 +1035,13 @@ class _OverlayWriter:
 
 
 def final_results(
-    config, workdir, *, fold, best_step, best_epoch, val, test, test_examples, class_names,
-    metadata,
+    config, workdir, *, fold, best_step, best_epoch, val, test, data, class_names, metadata
 ) -> dict:
     """The results.json dict; also writes the temperature into metadata.json and the
     reliability diagram (process 0)."""
     val_logits, val_labels = val
-    test_logits, test_labels = test
+    test_logits, test_labels, test_index = test
+    test_examples = data.examples("test")
     results = {
         "fold": fold,
         "best_step": best_step,
@@ -990,31 +1073,35 @@ def final_results(
     predictions = []
     for i in range(len(test_labels)):
         row = {
+            "index": int(test_index[i]),
+            **test_examples.get(int(test_index[i]), {}),
             "label": int(test_labels[i]),
             "prediction": int(np.argmax(probs[i])),
             "probabilities": [round(float(p), 6) for p in probs[i]],
             "logits": [round(float(z), 5) for z in test_logits[i]],
         }
-        if test_examples is not None:
-            row.update({k: v[i] for k, v in test_examples.items()})
         predictions.append(row)
     results["predictions"] = predictions
     results["predictions_note"] = "probabilities after temperature scaling"
     if config.shortcuts:
-        results["shortcuts"] = _shortcuts(config, workdir, fold)
+        results["shortcuts"] = _shortcuts(data, fold, int(config.seed))
     if jax.process_index() == 0:
         metadata = {**metadata, "temperature": temperature}
         _write_json(os.path.join(workdir, "metadata.json"), metadata)
     return results
 
 
-def _shortcuts(config, workdir, fold):
+def _shortcuts(data, fold: int, seed: int):
+    """Size-only and colour-only controls on the same folds (sipak_jax.shortcuts)."""
+    from sipak_jax import shortcuts
+
+    inputs = data.shortcut_inputs()
+    if inputs is None:
+        return {"skipped": "several processes: each holds only its share of the folds"}
+    shapes, colours, labels, is_test = inputs
+    folds = np.where(is_test, fold, -1)
     try:
-        from sipak_jax import shortcuts
-    except ImportError:
-        return None
-    try:
-        return shortcuts.evaluate_for_training(config, workdir, fold)
+        return shortcuts.shortcut_controls(shapes, colours, labels, folds, fold, seed=seed)
     except Exception as e:  # noqa: BLE001 - the controls must not lose a finished run
         logging.warning("shortcut controls failed: %r", e)
         return {"error": repr(e)}

@@ -162,3 +162,9 @@ def test_bad_input_names_the_file(flat, tmp_path, damage, pattern):
 def test_missing_manual_dir_says_where_to_download(tmp_path):
     with pytest.raises(SipakmedError, match=r"does not exist.*im_Dyskeratotic\.7z.*sipakmed\.html"):
         tfds_sipakmed.build(str(tmp_path / "nothing"), str(tmp_path / "d"))
+    # the plain TFDS route fails in TFDS's own check, with our download instructions
+    builder = tfds.builder("sipakmed", data_dir=str(tmp_path / "d"))
+    with pytest.raises(AssertionError, match=r"does not exist or is empty(.|\n)*sipakmed\.html"):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "nothing"))
+        )

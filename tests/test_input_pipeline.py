@@ -93,8 +93,20 @@ def test_manual_dir_path_gives_identical_arrays(dataset, train_cache):
     m = ip.load_splits(
         None, "grouped", ("fold1", "fold2", "fold3"), SIZE, "pad", manual_dir=manual, log=print
     )
-    for f in ("image", "label", "label_3class", "cell_index", "cluster_id", "file_name", "split",
-              "annotation_valid", "crop_shape", "mean_colour", "border_colour", "index"):
+    for f in (
+        "image",
+        "label",
+        "label_3class",
+        "cell_index",
+        "cluster_id",
+        "file_name",
+        "split",
+        "annotation_valid",
+        "crop_shape",
+        "mean_colour",
+        "border_colour",
+        "index",
+    ):
         np.testing.assert_array_equal(getattr(m, f), getattr(train_cache, f), err_msg=f)
     for a, b in zip(m.nucleus_contour, train_cache.nucleus_contour, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -148,7 +160,7 @@ def test_normalised_batches_for_both_weight_sources(train_cache):
     tv = pp.spec_for("torchvision", SIZE)
     got = np.asarray(jax.jit(lambda x: pp.normalize(x, tv))(batch["image"]))
     weights = ResNet50_Weights.IMAGENET1K_V1.transforms()
-    t = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    t = torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 255
     want = TF.normalize(t, weights.mean, weights.std).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -228,7 +240,9 @@ def test_carve_validation_is_grouped_stratified_and_deterministic():
         frac = val[label == c].mean()
         assert abs(frac - 0.15) < 0.03, (c, frac)
     perm = rng.permutation(len(label))
-    np.testing.assert_array_equal(ip.carve_validation(cluster_id[perm], label[perm], 0.15), val[perm])
+    np.testing.assert_array_equal(
+        ip.carve_validation(cluster_id[perm], label[perm], 0.15), val[perm]
+    )
     assert not np.array_equal(ip.carve_validation(cluster_id, label, 0.15, seed=1), val)
     assert not ip.carve_validation(cluster_id, label, 0.0).any()
 

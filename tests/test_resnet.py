@@ -46,7 +46,7 @@ def test_structure_matches_torchvision_tensor_for_tensor(depth):
     flat = {
         "/".join(str(getattr(k, "key", k)) for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(
-            nnx.state(ours, nnx.Any(nnx.Param, nnx.BatchStat)).to_pure_dict()
+            nnx.to_pure_dict(nnx.state(ours, nnx.Any(nnx.Param, nnx.BatchStat)))
         )[0]
     }
     seen = set()
@@ -151,7 +151,7 @@ def test_batchnorm_momentum_matches_torch_running_mean_update():
     bn = torch.nn.BatchNorm2d(8)  # momentum 0.1, torchvision's default
     bn.train()
     bn(torch.from_numpy(np.asarray(conv_out)).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(model.bn1.mean.value, bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn1.mean[...], bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_only_in_training_mode():

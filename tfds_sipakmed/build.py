@@ -18,7 +18,7 @@ import time
 import types
 
 from tfds_sipakmed.folds import CONFIGS
-from tfds_sipakmed.layout import ENV_ARCHIVE_CHECKSUMS, SipakmedError
+from tfds_sipakmed.layout import ENV_ARCHIVE_CHECKSUMS, SipakmedError, find_sources
 
 
 def build(manual_dir, data_dir=None, config="grouped", archive_checksums=None, file_format=None):
@@ -30,6 +30,7 @@ def build(manual_dir, data_dir=None, config="grouped", archive_checksums=None, f
     """
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; expected one of {CONFIGS}")
+    find_sources(manual_dir)  # a missing or incomplete manual dir fails here, before TF starts
     import tensorflow as tf  # noqa: PLC0415 - building needs TF; keep it off accelerators
 
     try:

@@ -42,6 +42,8 @@ def select_score(logits: jax.Array, target: jax.Array, score: str) -> jax.Array:
 class ModelFunctions:
     """Pure jitted functions of one model (split once, compiled once per static signature).
 
+    The model is not modified: the functions use an eval-mode view of it.
+
     `state` is the model's full state (parameters and BatchNorm statistics); a metric that
     randomises layers passes a modified state to the same compiled functions.
     """
@@ -52,9 +54,20 @@ class ModelFunctions:
                 "saliency needs a model with features(x, stage) and classify(h, stage) "
                 f"(sipak_jax.models.ResNet); got {type(model).__name__}"
             )
-        model.eval()
-        self.graphdef, self.state = nnx.split(model)
+        # A view of the model in eval mode; the caller's model (maybe training) keeps its mode.
+        view = nnx.merge(*nnx.split(model))
+        view.eval()
+        self.graphdef, self.state = nnx.split(view)
         self._cache: dict = {}
+
+    def update_state(self, model_or_state) -> ModelFunctions:
+        """Take the current weights of `model_or_state` (same architecture), keeping every
+        compiled function: what a training loop calls each epoch before `overlay_batch`."""
+        state = model_or_state
+        if isinstance(model_or_state, nnx.Module):
+            state = nnx.state(model_or_state)
+        self.state = state
+        return self
 
     def model(self, state=None) -> nnx.Module:
         """A model object with `state` (default: the original state)."""

@@ -1,0 +1,228 @@
+"""Saliency overlays for cell images from a model DIR.
+
+    python -m sipak_jax.explain --checkpoint=DIR --method=gradcam,ig --output_dir=OUT \
+        [--save_raw] IMAGE_OR_DIR...
+
+DIR is a training workdir or a converted-weights DIR (`sipak_jax.model_io.load_model_dir`).
+For every image and method it writes `OUT/<stem>.<method>.png`, the map overlaid on the
+original crop at the crop's own size, and with `--save_raw` `OUT/<stem>.<method>.npy`, the raw
+map as H x W float32 at the model's input resolution. A directory argument contributes the
+images directly inside it (.bmp .png .jpg .jpeg .tif .tiff). Existing files are never replaced
+(the run stops before computing anything) unless `--overwrite`; every output stays inside OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Model DIR: a training workdir or a converted DIR.")
+flags.DEFINE_list("method", ["gradcam"], "Comma-separated saliency methods (sipak_jax.saliency"
+                  ".METHODS), e.g. gradcam,ig.")
+flags.DEFINE_string("output_dir", None, "Where the overlays (and raw maps) go.")
+flags.DEFINE_bool("save_raw", False, "Also write <stem>.<method>.npy (H x W float32 raw map).")
+flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+flags.DEFINE_string("target", None, "Class to explain (name or index); default: predicted.")
+flags.DEFINE_enum("score", "logit", ["logit", "probability"], "The score explained.")
+flags.DEFINE_integer("stage", 4, "ResNet stage (1..4) for the CAM family.")
+flags.DEFINE_string("baseline", "background", "IG baseline: zeros, black, white, black_white, "
+                    "background (the slide colour around the cell) or blurred.")
+flags.DEFINE_integer("ig_steps", 64, "Integrated Gradients steps.")
+flags.DEFINE_bool("average_transforms", False, "Average maps over the 8 rotations/flips.")
+flags.DEFINE_integer("batch_size", 8, "Images per batch.")
+
+
+def collect_images(args: Sequence[str]) -> list[str]:
+    """Files named directly plus the images directly inside named directories, in order."""
+    paths = []
+    for arg in args:
+        if os.path.isdir(arg):
+            found = sorted(
+                os.path.join(arg, n)
+                for n in os.listdir(arg)
+                if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(arg, n))
+            )
+            if not found:
+                raise ValueError(f"{arg}: no images ({', '.join(IMAGE_EXTENSIONS)}) inside")
+            paths.extend(found)
+        elif os.path.isfile(arg):
+            paths.append(arg)
+        else:
+            raise FileNotFoundError(f"{arg}: no such image file or directory")
+    if not paths:
+        raise ValueError("no input images given")
+    return paths
+
+
+def plan_outputs(paths, methods, output_dir, save_raw, overwrite):
+    """{(path, method): (png, npy or None)}; raises before any work on stem clashes, existing
+    files (unless overwrite) or paths that would leave OUT."""
+    out_root = os.path.realpath(output_dir)
+    stems: dict[str, str] = {}
+    plan = {}
+    existing = []
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        if stem in stems and os.path.realpath(stems[stem]) != os.path.realpath(p):
+            raise ValueError(
+                f"{stems[stem]} and {p} have the same stem {stem!r}: their outputs would clash; "
+                "explain them into different --output_dir"
+            )
+        stems[stem] = p
+        for m in methods:
+            png = os.path.join(out_root, f"{stem}.{m}.png")
+            npy = os.path.join(out_root, f"{stem}.{m}.npy") if save_raw else None
+            for f in (png, npy):
+                if f is None:
+                    continue
+                if os.path.dirname(os.path.realpath(f)) != out_root:
+                    raise ValueError(f"{p}: output {f} would fall outside {out_root}")
+                if os.path.lexists(f) and not overwrite:
+                    existing.append(f)
+            plan[(p, m)] = (png, npy)
+    if existing:
+        shown = "\n  ".join(existing[:10])
+        more = f"\n  ... and {len(existing) - 10} more" if len(existing) > 10 else ""
+        raise FileExistsError(
+            f"{len(existing)} output file(s) already exist; not overwriting (use --overwrite):"
+            f"\n  {shown}{more}"
+        )
+    return plan
+
+
+def resolve_target(target: str | None, class_names: Sequence[str]):
+    if target is None:
+        return None
+    if target in class_names:
+        return list(class_names).index(target)
+    try:
+        idx = int(target)
+    except ValueError:
+        raise ValueError(
+            f"--target={target!r} is neither a class name ({', '.join(class_names)}) nor an index"
+        ) from None
+    if not 0 <= idx < len(class_names):
+        raise ValueError(f"--target={idx} out of range 0..{len(class_names) - 1}")
+    return idx
+
+
+def run(
+    checkpoint,
+    inputs,
+    output_dir,
+    methods=("gradcam",),
+    *,
+    save_raw=False,
+    overwrite=False,
+    target=None,
+    score="logit",
+    stage=4,
+    baseline="background",
+    ig_steps=64,
+    average_transforms=False,
+    batch_size=8,
+    log=print,
+) -> list[dict]:
+    """Explain `inputs` with the model in `checkpoint`; returns one record per image."""
+    from sipak_jax import model_io, preprocessing, saliency
+    from sipak_jax.saliency import overlay
+
+    unknown = [m for m in methods if m not in saliency.METHODS]
+    if unknown:
+        raise ValueError(f"unknown --method {unknown}; available: {sorted(saliency.METHODS)}")
+    if output_dir is None:
+        raise ValueError("--output_dir is required")
+    paths = collect_images(inputs)
+    os.makedirs(output_dir, exist_ok=True)
+    plan = plan_outputs(paths, methods, output_dir, save_raw, overwrite)
+    model, meta = model_io.load_model_dir(checkpoint)
+    spec = meta["preprocessing"]
+    names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    tgt = resolve_target(target, names)
+    policy = spec.get("resize", preprocessing.DEFAULT_RESIZE)
+    fns = saliency.ModelFunctions(model)
+    records = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        crops = [preprocessing.read_image(p) for p in chunk]
+        inputs_u8 = np.stack([preprocessing.preprocess_image(c, spec) for c in crops])
+        x = np.asarray(preprocessing.normalize(inputs_u8, spec))
+        probs = np.asarray(_softmax(np.asarray(fns.logits(x))))
+        for m in methods:
+            opts = {}
+            if m in ("ig", "xrai"):
+                opts = {"steps": ig_steps, "baseline": baseline} if m == "ig" else {"ig_steps": ig_steps}
+            res = saliency.explain(
+                fns, x, m, target=tgt, score=score, stage=stage, spec=spec,
+                average_transforms=average_transforms, **opts,
+            )
+            for i, (p, crop) in enumerate(zip(chunk, crops, strict=True)):
+                png, npy = plan[(p, m)]
+                norm = overlay.map_to_crop(res.normalized[i], crop.shape, policy)
+                overlay.save_png(png, overlay.overlay(crop, norm), overwrite=overwrite)
+                if npy is not None:
+                    _save_npy(npy, res.maps[i].astype(np.float32), overwrite)
+                t = int(res.target[i])
+                rec = {
+                    "file": p,
+                    "method": m,
+                    "predicted": names[int(np.argmax(probs[i]))],
+                    "target": names[t],
+                    "target_probability": float(probs[i, t]),
+                    "overlay": png,
+                }
+                if "gap" in res.info:
+                    rec["ig_completeness_gap"] = float(np.asarray(res.info["gap"])[i])
+                records.append(rec)
+                extra = (
+                    f" IG gap {rec['ig_completeness_gap']:.1%}" if "ig_completeness_gap" in rec
+                    else ""
+                )
+                log(f"{p}: {m} for {rec['target']} (p={rec['target_probability']:.3f}, "
+                    f"predicted {rec['predicted']}){extra} -> {png}")
+    return records
+
+
+def _softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _save_npy(path, array, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; not overwriting it")
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def main(argv):
+    inputs = argv[1:]
+    if FLAGS.checkpoint is None or FLAGS.output_dir is None or not inputs:
+        raise app.UsageError(
+            "usage: python -m sipak_jax.explain --checkpoint=DIR --method=gradcam[,ig,...] "
+            "--output_dir=OUT [--save_raw] IMAGE_OR_DIR..."
+        )
+    try:
+        run(
+            FLAGS.checkpoint, inputs, FLAGS.output_dir, FLAGS.method,
+            save_raw=FLAGS.save_raw, overwrite=FLAGS.overwrite, target=FLAGS.target,
+            score=FLAGS.score, stage=FLAGS.stage, baseline=FLAGS.baseline,
+            ig_steps=FLAGS.ig_steps, average_transforms=FLAGS.average_transforms,
+            batch_size=FLAGS.batch_size,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
