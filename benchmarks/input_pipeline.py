@@ -70,6 +70,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--augment", default="rot90,flip_lr,flip_ud,rotate(180)")
     p.add_argument("--manual_only", action="store_true", help="no TFDS: read the manual dir")
+    p.add_argument(
+        "--gen_processes",
+        type=int,
+        default=min(5, os.cpu_count() or 1),
+        help="processes writing the synthetic classes in parallel",
+    )
     a = p.parse_args(argv)
     ops = tuple(s for s in _split_ops(a.augment) if s)
 
@@ -82,21 +88,32 @@ def main(argv=None) -> int:
     )
     print("One-off costs:")
     if not os.path.isdir(manual):
-        from tfds_sipakmed.synthetic import write_synthetic
-
         _timed(
-            f"write synthetic ({a.cells_per_class}/class)",
-            lambda: write_synthetic(manual, a.cells_per_class, seed=0),
+            f"write synthetic ({a.cells_per_class}/class, {a.gen_processes} processes)",
+            lambda: _write_synthetic(manual, a.cells_per_class, a.gen_processes),
         )
     else:
         print(f"  synthetic data reused from {manual}")
     if not a.manual_only:
         if not os.path.isdir(os.path.join(data, "sipakmed")):
-            cmd = [sys.executable, "-m", "tfds_sipakmed.build", f"--manual_dir={manual}",
-                   f"--data_dir={data}"]
-            _timed("build TFDS dataset (subprocess, TF)", lambda: subprocess.run(
-                cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")))
+            cmd = [
+                sys.executable,
+                "-m",
+                "tfds_sipakmed.build",
+                f"--manual_dir={manual}",
+                f"--data_dir={data}",
+            ]
+            _timed(
+                "build TFDS dataset (subprocess, TF)",
+                lambda: subprocess.run(
+                    cmd,
+                    check=True,
+                    cwd=REPO,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3"),
+                ),
+            )
         else:
             print(f"  TFDS dataset reused from {data}")
     src = {"manual_dir": manual} if a.manual_only else {}
@@ -107,8 +124,7 @@ def main(argv=None) -> int:
     )
     cache, fill_s = _timed("fill cache: read + decode + resize (memory)", lambda: load(None))
     n = len(cache)
-    print(f"  {n} cells, {cache.image.nbytes / 2**20:.0f} MiB uint8 "
-          f"({n / fill_s:.0f} cells/s)")
+    print(f"  {n} cells, {cache.image.nbytes / 2**20:.0f} MiB uint8 ({n / fill_s:.0f} cells/s)")
     for f in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
         if f.startswith(f"sipakmed_{a.image_size}_{a.resize}_"):
             os.remove(os.path.join(cache_dir, f))  # our own cache files only
@@ -164,14 +180,19 @@ def main(argv=None) -> int:
     def reference(steps):
         for s in range(steps):
             rows = input_pipeline.train_rows(cache, bs, 0, s)
-            np.stack([
-                preprocessing.resize_crop(reference_source.load(keys[r])["image"],
-                                          a.image_size, a.resize)
-                for r in rows
-            ])
+            np.stack(
+                [
+                    preprocessing.resize_crop(
+                        reference_source.load(keys[r])["image"], a.image_size, a.resize
+                    )
+                    for r in rows
+                ]
+            )
 
-    print(f"Throughput (images/s, median [min-max] of {a.repeats} x {a.steps} batches of {bs}; "
-          f"{spe} batches per epoch):")
+    print(
+        f"Throughput (images/s, median [min-max] of {a.repeats} x {a.steps} batches of {bs}; "
+        f"{spe} batches per epoch):"
+    )
     results = {}
     for name, fn, steps, reps in (
         ("host", host, a.steps, a.repeats),
@@ -186,10 +207,32 @@ def main(argv=None) -> int:
         print(f"  {name:<40} {med:9.0f}  [{lo:.0f}-{hi:.0f}]", flush=True)
     ref = results["reference (decode + resize per step)"]
     aug = results["augmented (device batches + augment)"]
-    print(f"Ratios: augmented / reference = {aug / ref:.1f}x; "
-          f"device / reference = {results['device'] / ref:.1f}x; goal >= 1500 img/s augmented: "
-          f"{'met' if aug >= 1500 else 'NOT met'} ({aug:.0f}).")
+    print(
+        f"Ratios: augmented / reference = {aug / ref:.1f}x; "
+        f"device / reference = {results['device'] / ref:.1f}x; goal >= 1500 img/s augmented: "
+        f"{'met' if aug >= 1500 else 'NOT met'} ({aug:.0f})."
+    )
     return 0
+
+
+def _write_one_class(args):
+    from tfds_sipakmed.synthetic import write_synthetic
+
+    out_dir, cells_per_class, cls = args
+    return write_synthetic(out_dir, cells_per_class, seed=0, classes=(cls,))
+
+
+def _write_synthetic(out_dir, cells_per_class, processes):
+    """The same files as write_synthetic(out_dir, n, seed=0): each class has its own seed."""
+    import multiprocessing
+
+    from sipak_jax.classes import CLASS_NAMES
+
+    jobs = [(out_dir, cells_per_class, c) for c in CLASS_NAMES]
+    if processes <= 1:
+        return [_write_one_class(j) for j in jobs]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return pool.map(_write_one_class, jobs)
 
 
 def _split_ops(text: str):

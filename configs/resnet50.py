@@ -76,6 +76,7 @@ def get_config(arg=None):
     config.dataset_config = "grouped"  # leak-free folds; 'random_cells' only for comparison
     config.data_dir = ""  # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.manual_dir = ""  # extracted archives: build the TFDS dataset first if missing
+    config.use_tfds = True  # False: read the raw tree directly (no TensorFlow/TFDS needed)
     config.synthetic = ml_collections.ConfigDict()
     config.synthetic.cells_per_class = 0  # > 0: write a synthetic SIPaKMeD and build it
     config.synthetic.seed = 0

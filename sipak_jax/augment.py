@@ -147,7 +147,8 @@ def _apply_geometric(keys, images, run: list[Geometric]):
     def one(key, image):
         m = jnp.eye(3, dtype=jnp.float32)
         for i, g in enumerate(run):  # out = g_k(...g_1(x)): source = M_1 @ ... @ M_k @ out
-            m = m @ g.matrix(jax.random.fold_in(key, i), h, w)
+            # HIGHEST: no TF32 on GPUs, coordinates up to ~1000 need float32 accuracy.
+            m = jnp.dot(m, g.matrix(jax.random.fold_in(key, i), h, w), precision="highest")
         ys, xs = jnp.meshgrid(
             jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
         )
@@ -276,7 +277,7 @@ def flip(p: float = 0.5) -> Geometric:
 
     def matrix(rng, h, w):
         a, b = jax.random.split(rng)
-        return lr.matrix(a, h, w) @ ud.matrix(b, h, w)
+        return jnp.dot(lr.matrix(a, h, w), ud.matrix(b, h, w), precision="highest")
 
     return Geometric(matrix, exact=True)
 

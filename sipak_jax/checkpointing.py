@@ -77,7 +77,10 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = checkpoint_dir(workdir)
-        policies = [ocm.LatestN(n=1), ocm.BestN(get_metric_fn=_best_value, n=1, keep_checkpoints_without_metrics=False)]
+        policies = [
+            ocm.LatestN(n=1),
+            ocm.BestN(get_metric_fn=_best_value, n=1, keep_checkpoints_without_metrics=False),
+        ]
         save_policy = None
         if save_interval_steps and save_interval_steps > 0:
             save_policy = ocm.FixedIntervalPolicy(int(save_interval_steps))
@@ -139,7 +142,9 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta),
         )
         saved = self.manager.save(int(step), args=args, metrics=metrics, force=force)
-        logging.info("checkpoint %d %s (metrics %s)", step, "saved" if saved else "skipped", metrics)
+        logging.info(
+            "checkpoint %d %s (metrics %s)", step, "saved" if saved else "skipped", metrics
+        )
         return saved
 
     # -- restore --------------------------------------------------------------------------

@@ -464,8 +464,7 @@ def convert_file(path: str, source: str | None = None):
     cfg = _arch(source, tensors, path)
     model = model_io.abstract_model(cfg, dtype=jnp.float32)
     flat = to_model_state(source, tensors, model, path)
-    model = model_io.model_from_config(cfg)
-    model_io.merge_weights(model, flat, what=f"file {path}")
+    model = model_io.model_with_weights(cfg, flat, what=f"file {path}")
     model.eval()
 
     name = os.path.basename(path)

@@ -24,16 +24,23 @@ IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Model DIR: a training workdir or a converted DIR.")
-flags.DEFINE_list("method", ["gradcam"], "Comma-separated saliency methods (sipak_jax.saliency"
-                  ".METHODS), e.g. gradcam,ig.")
+flags.DEFINE_list(
+    "method",
+    ["gradcam"],
+    "Comma-separated saliency methods (sipak_jax.saliency.METHODS), e.g. gradcam,ig.",
+)
 flags.DEFINE_string("output_dir", None, "Where the overlays (and raw maps) go.")
 flags.DEFINE_bool("save_raw", False, "Also write <stem>.<method>.npy (H x W float32 raw map).")
 flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 flags.DEFINE_string("target", None, "Class to explain (name or index); default: predicted.")
 flags.DEFINE_enum("score", "logit", ["logit", "probability"], "The score explained.")
 flags.DEFINE_integer("stage", 4, "ResNet stage (1..4) for the CAM family.")
-flags.DEFINE_string("baseline", "background", "IG baseline: zeros, black, white, black_white, "
-                    "background (the slide colour around the cell) or blurred.")
+flags.DEFINE_string(
+    "baseline",
+    "background",
+    "IG baseline: zeros, black, white, black_white, "
+    "background (the slide colour around the cell) or blurred.",
+)
 flags.DEFINE_integer("ig_steps", 64, "Integrated Gradients steps.")
 flags.DEFINE_bool("average_transforms", False, "Average maps over the 8 rotations/flips.")
 flags.DEFINE_integer("batch_size", 8, "Images per batch.")
@@ -158,10 +165,21 @@ def run(
         for m in methods:
             opts = {}
             if m in ("ig", "xrai"):
-                opts = {"steps": ig_steps, "baseline": baseline} if m == "ig" else {"ig_steps": ig_steps}
+                opts = (
+                    {"steps": ig_steps, "baseline": baseline}
+                    if m == "ig"
+                    else {"ig_steps": ig_steps}
+                )
             res = saliency.explain(
-                fns, x, m, target=tgt, score=score, stage=stage, spec=spec,
-                average_transforms=average_transforms, **opts,
+                fns,
+                x,
+                m,
+                target=tgt,
+                score=score,
+                stage=stage,
+                spec=spec,
+                average_transforms=average_transforms,
+                **opts,
             )
             for i, (p, crop) in enumerate(zip(chunk, crops, strict=True)):
                 png, npy = plan[(p, m)]
@@ -182,11 +200,14 @@ def run(
                     rec["ig_completeness_gap"] = float(np.asarray(res.info["gap"])[i])
                 records.append(rec)
                 extra = (
-                    f" IG gap {rec['ig_completeness_gap']:.1%}" if "ig_completeness_gap" in rec
+                    f" IG gap {rec['ig_completeness_gap']:.1%}"
+                    if "ig_completeness_gap" in rec
                     else ""
                 )
-                log(f"{p}: {m} for {rec['target']} (p={rec['target_probability']:.3f}, "
-                    f"predicted {rec['predicted']}){extra} -> {png}")
+                log(
+                    f"{p}: {m} for {rec['target']} (p={rec['target_probability']:.3f}, "
+                    f"predicted {rec['predicted']}){extra} -> {png}"
+                )
     return records
 
 
@@ -212,10 +233,18 @@ def main(argv):
         )
     try:
         run(
-            FLAGS.checkpoint, inputs, FLAGS.output_dir, FLAGS.method,
-            save_raw=FLAGS.save_raw, overwrite=FLAGS.overwrite, target=FLAGS.target,
-            score=FLAGS.score, stage=FLAGS.stage, baseline=FLAGS.baseline,
-            ig_steps=FLAGS.ig_steps, average_transforms=FLAGS.average_transforms,
+            FLAGS.checkpoint,
+            inputs,
+            FLAGS.output_dir,
+            FLAGS.method,
+            save_raw=FLAGS.save_raw,
+            overwrite=FLAGS.overwrite,
+            target=FLAGS.target,
+            score=FLAGS.score,
+            stage=FLAGS.stage,
+            baseline=FLAGS.baseline,
+            ig_steps=FLAGS.ig_steps,
+            average_transforms=FLAGS.average_transforms,
             batch_size=FLAGS.batch_size,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:

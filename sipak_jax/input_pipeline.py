@@ -245,13 +245,17 @@ class _TfdsSource:
 class _ManualSource:
     """The manual dir read directly (tfds_sipakmed.layout + folds): no TFDS, no TensorFlow."""
 
-    def __init__(self, manual_dir: str, config_name: str, log: Callable[[str], None]):
+    def __init__(
+        self, manual_dir: str, config_name: str, log: Callable[[str], None], archive_checksums=None
+    ):
         from tfds_sipakmed import folds, layout  # noqa: PLC0415 - TF-free helpers
 
         self._layout = layout
         self.manual_dir = os.fspath(manual_dir)
         self._tmp = tempfile.TemporaryDirectory(prefix="sipakmed_extract_")
-        self.refs = layout.list_cells(self.manual_dir, self._tmp.name, log=log)
+        self.refs = layout.list_cells(
+            self.manual_dir, self._tmp.name, archive_checksums=archive_checksums, log=log
+        )
         fold = folds.assign_folds(self.refs, config_name)
         self.config_name = config_name
         self.splits = tuple(folds.split_name(f) for f in range(NUM_FOLDS))
@@ -309,11 +313,11 @@ def find_builder_dir(data_dir: str, config_name: str) -> str:
     return os.path.join(config_dir, ".".join(map(str, max(versions))))
 
 
-def _open_source(data_dir, manual_dir, config_name, log):
+def _open_source(data_dir, manual_dir, config_name, log, archive_checksums=None):
     if (data_dir is None) == (manual_dir is None):
         raise ValueError("Pass exactly one of data_dir (a built TFDS dataset) and manual_dir.")
     if manual_dir is not None:
-        return _ManualSource(manual_dir, config_name, log)
+        return _ManualSource(manual_dir, config_name, log, archive_checksums)
     return _TfdsSource(data_dir, config_name)
 
 
@@ -449,19 +453,21 @@ def load_splits(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
+    archive_checksums=None,
     log: Callable[[str], None] = print,
 ) -> Cache:
     """The union of TFDS `splits` as this process's `Cache` (see the module docstring).
 
     Reads the built dataset under `data_dir` (`data_dir/sipakmed/<config_name>/<version>`, or a
     versioned builder dir itself), or, with `data_dir=None, manual_dir=M`, the manual dir
-    directly (same folds, same arrays, no TFDS).
+    directly (same folds, same arrays, no TFDS; `.7z` archives there are checked against
+    `archive_checksums`, see `tfds_sipakmed.layout.resolve_checksums`).
     """
     preprocessing._check_policy(resize)
     if isinstance(splits, str):
         splits = (splits,)
     pi, pc = _process(process_index, process_count)
-    source = _open_source(data_dir, manual_dir, config_name, log)
+    source = _open_source(data_dir, manual_dir, config_name, log, archive_checksums)
     keys = _index(_collect_keys(source, tuple(splits)))
     return _materialise(
         source, keys, len(keys), image_size, resize, cache_dir, pi, pc, log, num_threads
@@ -529,6 +535,7 @@ def load_folds(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
+    archive_checksums=None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Cache]:
     """{'train', 'validation', 'test'} Caches for one cross-validation round.
@@ -541,7 +548,7 @@ def load_folds(
     if not 0 <= int(test_fold) < NUM_FOLDS:
         raise ValueError(f"test_fold must lie in [0, {NUM_FOLDS}), got {test_fold}.")
     pi, pc = _process(process_index, process_count)
-    source = _open_source(data_dir, manual_dir, config_name, log)
+    source = _open_source(data_dir, manual_dir, config_name, log, archive_checksums)
     test_split = f"fold{int(test_fold)}"
     rest = tuple(f"fold{f}" for f in range(NUM_FOLDS) if f != int(test_fold))
     test_keys = _collect_keys(source, (test_split,))
@@ -660,38 +667,44 @@ def _to_global(batch: dict, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+_END = object()
+
+
+def _produce_into(produce, mesh, q: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread's loop. It holds no reference to its BatchIterator, so an
+    iterator that is dropped without `close()` is collected and its thread stops."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for host in produce:
+            if not put(_to_global(host, mesh)):
+                return
+        put(_END)
+    except BaseException as e:  # handed to the consumer
+        put(e)
+
+
 class BatchIterator:
     """Batches produced on a background thread (queue of `prefetch`), already on device.
 
     Iterate it, or call `next()`; `close()` (or leaving a `with` block) stops the thread.
     """
 
-    _END = object()
-
     def __init__(self, produce: Iterator[dict], mesh, prefetch: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
         self._stop = threading.Event()
-        self._mesh = mesh
-        self._thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
+        self._thread = threading.Thread(
+            target=_produce_into, args=(produce, mesh, self._queue, self._stop), daemon=True
+        )
         self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, produce):
-        try:
-            for host in produce:
-                if not self._put(_to_global(host, self._mesh)):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # handed to the consumer
-            self._put(e)
 
     def __iter__(self):
         return self
@@ -700,7 +713,7 @@ class BatchIterator:
         if self._stop.is_set():
             raise StopIteration
         item = self._queue.get()
-        if item is self._END:
+        if item is _END:
             self._stop.set()
             raise StopIteration
         if isinstance(item, BaseException):

@@ -104,51 +104,33 @@ def _is_rng_path(path: str) -> bool:
     return "rngs" in path.split("/")
 
 
-def merge_weights(
-    model: nnx.Module,
-    loaded: Mapping,
-    *,
-    dont_load: Iterable[str] = (),
-    what: str = "checkpoint",
-) -> list[str]:
-    """Copies ``loaded`` (nested dict or flat {'a/b/c': array}) into ``model`` strictly.
-
-    Every parameter and BatchNorm statistic of the model must come from exactly one loaded
-    array of the same shape, except those whose path matches a ``dont_load`` regex (they keep
-    their current values). Every loaded array must land somewhere, except those matching
-    ``dont_load`` and saved RNG state. Otherwise raises ``WeightMismatchError`` listing every
-    missing, unexpected and mis-shaped tensor. Returns the paths kept from ``model``.
-    """
-    patterns = [re.compile(p) for p in dont_load]
-    skip = lambda path: any(p.fullmatch(path) or p.match(path) for p in patterns)
-    flat_loaded = loaded if _is_flat(loaded) else flatten(loaded)
-    state = nnx.state(model, _WEIGHTS)
-    flat_target = flatten(nnx.to_pure_dict(state))
-
-    missing, misshaped, kept = [], [], []
-    new_values = {}
-    for path, current in flat_target.items():
+def _check_fit(
+    target: Mapping[str, object],
+    loaded: Mapping[str, object],
+    skip,
+    what: str,
+    model_desc: str,
+) -> dict[str, object]:
+    """{path: loaded array} for every target path not skipped; raises WeightMismatchError
+    listing every missing, unexpected and mis-shaped tensor."""
+    missing, misshaped, new_values = [], [], {}
+    for path, current in target.items():
         if skip(path):
-            kept.append(path)
             continue
-        if path not in flat_loaded:
+        if path not in loaded:
             missing.append(f"{path} {tuple(current.shape)}")
             continue
-        value = (
-            np.asarray(flat_loaded[path])
-            if not isinstance(flat_loaded[path], jax.Array)
-            else flat_loaded[path]
-        )
-        if tuple(value.shape) != tuple(current.shape):
+        value = loaded[path]
+        if tuple(np.shape(value)) != tuple(current.shape):
             misshaped.append(
-                f"{path}: {what} has {tuple(value.shape)}, model expects {tuple(current.shape)}"
+                f"{path}: {what} has {tuple(np.shape(value))}, model expects {tuple(current.shape)}"
             )
             continue
         new_values[path] = value
     unexpected = [
         f"{p} {tuple(np.shape(v))}"
-        for p, v in flat_loaded.items()
-        if p not in flat_target and not skip(p) and not _is_rng_path(p)
+        for p, v in loaded.items()
+        if p not in target and not skip(p) and not _is_rng_path(p)
     ]
     if missing or unexpected or misshaped:
         parts = []
@@ -166,9 +148,37 @@ def merge_weights(
                 f"{len(misshaped)} tensors with the wrong shape:\n  " + "\n  ".join(misshaped)
             )
         raise WeightMismatchError(
-            f"The {what} does not fit the model "
-            f"({type(model).__name__} {getattr(model, 'config', dict)()}):\n" + "\n".join(parts)
+            f"The {what} does not fit the model ({model_desc}):\n" + "\n".join(parts)
         )
+    return new_values
+
+
+def _skipper(dont_load: Iterable[str]):
+    patterns = [re.compile(p) for p in dont_load]
+    return lambda path: any(p.fullmatch(path) for p in patterns)
+
+
+def merge_weights(
+    model: nnx.Module,
+    loaded: Mapping,
+    *,
+    dont_load: Iterable[str] = (),
+    what: str = "checkpoint",
+) -> list[str]:
+    """Copies ``loaded`` (nested dict or flat {'a/b/c': array}) into ``model`` strictly.
+
+    Every parameter and BatchNorm statistic of the model must come from exactly one loaded
+    array of the same shape, except those whose path fully matches a ``dont_load`` regex
+    (they keep their current values). Every loaded array must land somewhere, except those
+    matching ``dont_load`` and saved RNG state. Otherwise raises ``WeightMismatchError``
+    listing every missing, unexpected and mis-shaped tensor. Returns the paths kept.
+    """
+    skip = _skipper(dont_load)
+    flat_loaded = loaded if _is_flat(loaded) else flatten(loaded)
+    state = nnx.state(model, _WEIGHTS)
+    target = flatten(nnx.to_pure_dict(state))
+    desc = f"{type(model).__name__} {model.config() if hasattr(model, 'config') else ''}"
+    new_values = _check_fit(target, flat_loaded, skip, what, desc)
 
     def pick(path, old):
         new = new_values.get(_path_str(path))
@@ -177,7 +187,28 @@ def merge_weights(
     pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
-    return kept
+    return [p for p in target if skip(p)]
+
+
+def model_with_weights(
+    config: Mapping, loaded: Mapping, *, dtype=jnp.float32, what: str = "checkpoint"
+) -> ResNet:
+    """Builds the model of a metadata ``model`` dict directly from ``loaded`` weights (flat or
+    nested), strictly as ``merge_weights``, without a random initialisation (which would
+    compile and run an init program only to throw its result away)."""
+    flat_loaded = loaded if _is_flat(loaded) else flatten(loaded)
+    abstract = abstract_model(config, dtype=dtype)
+    graphdef, state = nnx.split(abstract)
+    target = flatten(nnx.to_pure_dict(state))
+    desc = f"ResNet {dict(config)}"
+    new_values = _check_fit(target, flat_loaded, lambda p: False, what, desc)
+
+    def pick(path, old):
+        return jnp.asarray(new_values[_path_str(path)], dtype=old.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
 
 
 def _is_flat(tree: Mapping) -> bool:
@@ -339,8 +370,9 @@ def load_model_dir(
         if not os.path.isdir(ckpt):
             raise FileNotFoundError(f"Step {step} has no '{MODEL_ITEM}' item at {ckpt}.")
         meta = {**meta, "step": int(step), "step_reason": reason}
-    model = model_from_config(meta["model"], dtype=dtype)
-    merge_weights(model, restore_arrays(ckpt, sharding), what=f"checkpoint {ckpt}")
+    model = model_with_weights(
+        meta["model"], restore_arrays(ckpt, sharding), dtype=dtype, what=f"checkpoint {ckpt}"
+    )
     model.eval()
     return model, meta
 

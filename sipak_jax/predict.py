@@ -23,7 +23,8 @@ Output, one row per input file (`.jsonl`: one JSON object a line; `.csv`: the sa
   argmax of the probabilities summed per group, as `sipak_jax.metrics` computes them;
   `p_abnormal` (Koilocytotic + Dyskeratotic); `flagged` (the 2-class reading is abnormal);
   `bethesda`: the Bethesda System reading of the 5-class label (`classes.BETHESDA`);
-- `temperature`; `overlay`: the saliency overlay PNG (with `--explain`), else null;
+- `temperature`; `overlay`: the saliency overlay PNG (with `--explain`: the map of the
+  predicted class drawn over the original image at its own size), else null;
 - `error`: null, or why the file could not be read. Such a row has only `path` and `error`;
   the other files are still processed and the exit status is 1.
 
@@ -60,6 +61,7 @@ __all__ = [
     "collect_inputs",
     "main",
     "overlay_name",
+    "overlay_on_original",
     "predict_files",
     "reading",
     "write_rows",
@@ -114,17 +116,17 @@ def collect_inputs(inputs: Iterable[str], exclude: Iterable[str] = ()) -> tuple[
     return entries, skipped
 
 
-def _read(path: str, spec: dict):
-    """(uint8 [S, S, 3] network input, None) or (None, error message)."""
+def _read(path: str, spec: dict, keep_original: bool = False):
+    """(uint8 [S, S, 3] network input, original RGB or None, None) or (None, None, error)."""
     from sipak_jax import preprocessing
 
     try:
         rgb = preprocessing.read_image(path)
-        return preprocessing.preprocess_image(rgb, spec), None
+        return preprocessing.preprocess_image(rgb, spec), (rgb if keep_original else None), None
     except (OSError, ValueError) as e:
-        return None, str(e) or type(e).__name__
+        return None, None, str(e) or type(e).__name__
     except Exception as e:  # noqa: BLE001 - e.g. cv2.error on an exotic file: report, go on
-        return None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,20 +288,13 @@ def _inside(directory: str, path: str) -> bool:
     return os.path.commonpath([d, p]) == d and p != d
 
 
-def _overlay_image(image_uint8: np.ndarray, heat01: np.ndarray) -> np.ndarray:
-    """uint8 RGB: the image with the saliency map blended on top (JET colours, 40%)."""
-    import cv2
+def overlay_on_original(original_rgb: np.ndarray, frame_map: np.ndarray, policy: str):
+    """The saliency map (in the network's S x S input frame) drawn over the original image at
+    its own size (`saliency.overlay.map_to_crop` undoes the pad/stretch resize)."""
+    from sipak_jax.saliency import overlay
 
-    try:  # the saliency engineer's renderer, when present
-        from sipak_jax.saliency import overlay as _ov
-
-        return np.asarray(_ov.overlay(image_uint8, heat01), np.uint8)
-    except (ImportError, AttributeError):
-        pass
-    heat = np.clip(np.asarray(heat01, np.float64), 0, 1)
-    colour = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    blended = 0.6 * image_uint8.astype(np.float64) + 0.4 * colour.astype(np.float64)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    m = overlay.map_to_crop(frame_map, original_rgb.shape[:2], policy)
+    return overlay.overlay(original_rgb, np.clip(m, 0.0, 1.0))
 
 
 def predict_files(
@@ -312,7 +307,8 @@ def predict_files(
     workers: int = 4,
 ) -> list[dict]:
     """One row per path (module docstring); unreadable files get {"path", "error"} rows."""
-    import cv2
+    from sipak_jax import preprocessing
+    from sipak_jax.saliency import overlay
 
     if explain and not overlays_dir:
         raise ValueError("--explain needs --overlays=DIR for the overlay images")
@@ -324,8 +320,8 @@ def predict_files(
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         for start in range(0, len(paths), step):
             batch_paths = list(paths[start : start + step])
-            decoded = list(pool.map(lambda p: _read(p, predictor.spec), batch_paths))
-            ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
+            decoded = list(pool.map(lambda p: _read(p, predictor.spec, bool(explain)), batch_paths))
+            ok = [i for i, d in enumerate(decoded) if d[0] is not None]
             probs = (
                 predictor.probabilities(np.stack([decoded[i][0] for i in ok]))
                 if ok
@@ -338,7 +334,7 @@ def predict_files(
             by_index = {i: j for j, i in enumerate(ok)}
             for i, path in enumerate(batch_paths):
                 if i not in by_index:
-                    rows.append({"path": path, "error": decoded[i][1]})
+                    rows.append({"path": path, "error": decoded[i][2]})
                     continue
                 j = by_index[i]
                 row = {"path": path, **reading(probs[j], predictor.class_names)}
@@ -355,11 +351,13 @@ def predict_files(
                             "error": f"overlay {target} exists; pass --overwrite to replace it",
                         }
                     else:
-                        img = _overlay_image(decoded[i][0], maps[j])
-                        if not cv2.imwrite(target, img[..., ::-1]):
-                            row = {"path": path, "error": f"could not write overlay {target}"}
-                        else:
+                        policy = predictor.spec.get("resize", preprocessing.DEFAULT_RESIZE)
+                        img = overlay_on_original(decoded[i][1], maps[j], policy)
+                        try:
+                            overlay.save_png(target, img, overwrite=overwrite)
                             row["overlay"] = target
+                        except (OSError, ValueError) as e:
+                            row = {"path": path, "error": f"could not write overlay: {e}"}
                 row["error"] = None if "label" in row else row["error"]
                 rows.append(row)
     return rows

@@ -29,7 +29,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import flax
@@ -113,9 +112,7 @@ def _check_config(config):
 
 def make_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh `data` over every device of every process (Auto axis: gathers allowed)."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # =============================================================================================
@@ -151,7 +148,9 @@ def _init_weights(config, model) -> tuple[dict, dict | None]:
     spec = dict(meta.get("preprocessing") or {})
     preprocessing.validate_spec(spec)  # the weights' own normalisation
     spec.update(image_size=int(config.image_size), resize=config.resize)
-    logging.info("init_from %s: %d tensors loaded, kept %s", source, summary["loaded"], summary["kept"])
+    logging.info(
+        "init_from %s: %d tensors loaded, kept %s", source, summary["loaded"], summary["kept"]
+    )
     return spec, {"init_from": source, "source": meta.get("source"), "loaded": summary["loaded"]}
 
 
@@ -257,7 +256,9 @@ def _merge_dicts(a: dict, b: dict) -> dict:
 
 def _split_like(tree: dict, like: dict) -> dict:
     """The sub-tree of `tree` with the keys of `like` (the inverse of `_merge_dicts`)."""
-    return {k: (_split_like(tree[k], v) if isinstance(v, dict) else tree[k]) for k, v in like.items()}
+    return {
+        k: (_split_like(tree[k], v) if isinstance(v, dict) else tree[k]) for k, v in like.items()
+    }
 
 
 def model_dict(state: TrainState) -> dict:
@@ -299,13 +300,11 @@ def make_train_step(config, graphdef, rest, tx, spec, *, head_only: bool, num_cl
                 logits = model(x)
             loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
             loss = loss * jnp.where(jnp.isin(state.step, inject), jnp.nan, 1.0)
-            new_stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+            new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
             return loss, (logits, new_stats)
 
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        grad_norm = optax.global_norm(grads)
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -356,22 +355,29 @@ def make_eval_step(config, graphdef, rest, spec):
 # Input (sipak_jax.input_pipeline).
 
 
-def prepare_dataset(config, workdir: str) -> str:
-    """The TFDS data_dir to read; writes and builds the synthetic SIPaKMeD when configured
-    (process 0 builds, the others wait), or builds from `config.manual_dir` when missing."""
+def prepare_dataset(config, workdir: str) -> tuple[str, str]:
+    """(TFDS data_dir, manual_dir) to read, one of them empty.
+
+    With `config.synthetic.cells_per_class > 0` the synthetic SIPaKMeD is written first
+    (`<data_dir or WORKDIR/data>/raw`; process 0 writes, the others wait). With
+    `config.use_tfds` (the default) the raw tree (synthetic or `config.manual_dir`) is built
+    into a TFDS dataset through the real builder (needs TensorFlow) unless built already;
+    without it the raw tree is read directly (TF-free, e.g. on accelerator machines).
+    """
     data_dir = os.path.expanduser(config.data_dir) if config.data_dir else ""
+    use_tfds = bool(config.use_tfds)
     if config.synthetic.cells_per_class > 0:
         root = data_dir or os.path.join(workdir, "data")
         raw = os.path.join(root, "raw")
         tfds_dir = os.path.join(root, "tfds")
         marker = os.path.join(root, "BUILT")
-        if jax.process_index() == 0 and not os.path.exists(marker):
-            import shutil
-
-            from tfds_sipakmed import synthetic
-
+        if jax.process_index() == 0:
             t0 = time.time()
             if not os.path.isdir(raw):
+                import shutil
+
+                from tfds_sipakmed import synthetic
+
                 partial = raw + ".partial"  # renamed when complete: a crash leaves no half tree
                 shutil.rmtree(partial, ignore_errors=True)
                 synthetic.write_synthetic(
@@ -380,20 +386,24 @@ def prepare_dataset(config, workdir: str) -> str:
                     seed=int(config.synthetic.seed),
                 )
                 os.replace(partial, raw)
-            _build_tfds(raw, tfds_dir, config.dataset_config)
-            with open(marker, "w") as f:
-                f.write(f"synthetic cells_per_class={config.synthetic.cells_per_class}\n")
-            logging.info("synthetic SIPaKMeD written and built in %.1f s", time.time() - t0)
-        _sync("synthetic dataset built")
-        return tfds_dir
+                logging.info("synthetic SIPaKMeD written in %.1f s: %s", time.time() - t0, raw)
+            if use_tfds and not os.path.exists(marker):
+                _build_tfds(raw, tfds_dir, config.dataset_config)
+                with open(marker, "w") as f:
+                    f.write(f"synthetic cells_per_class={config.synthetic.cells_per_class}\n")
+                logging.info("TFDS dataset built in %s (%.1f s)", tfds_dir, time.time() - t0)
+        _sync("synthetic dataset ready")
+        return (tfds_dir, "") if use_tfds else ("", raw)
     if config.manual_dir:
         manual = os.path.expanduser(config.manual_dir)
+        if not use_tfds:
+            return "", manual
         target = data_dir or os.path.expanduser("~/tensorflow_datasets")
         if jax.process_index() == 0:
             _build_tfds(manual, target, config.dataset_config)
         _sync("dataset built")
-        return target
-    return data_dir
+        return target, ""
+    return data_dir, ""
 
 
 def _build_tfds(manual_dir: str, data_dir: str, builder_config: str):
@@ -416,15 +426,13 @@ class Data:
     clusters), `validation` (whole cluster images carved from them), `test` (the held-out
     fold, read only at the end)."""
 
-    def __init__(self, config, data_dir: str, fold: int, mesh):
+    def __init__(self, config, data_dir: str, manual_dir: str, fold: int, mesh):
         from sipak_jax import input_pipeline
 
         self._ip = input_pipeline
         self.config = config
         self.mesh = mesh
-        kwargs = {}
-        if not data_dir and config.manual_dir:  # no TFDS (e.g. accelerator machines)
-            kwargs["manual_dir"] = os.path.expanduser(config.manual_dir)
+        kwargs = {"manual_dir": manual_dir} if manual_dir else {}
         self.caches = input_pipeline.load_folds(
             data_dir or None,
             config.dataset_config,
@@ -462,7 +470,9 @@ class Data:
 
     def eval_batches(self, split: str):
         return self._ip.eval_batches(
-            self.caches[split], int(self.config.eval_batch_size), self.mesh,
+            self.caches[split],
+            int(self.config.eval_batch_size),
+            self.mesh,
             prefetch=int(self.config.prefetch),
         )
 
@@ -728,8 +738,8 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         )
 
     # ---- Input ------------------------------------------------------------------------
-    data_dir = prepare_dataset(config, workdir)
-    data = Data(config, data_dir, fold, mesh)
+    data_dir, manual_dir = prepare_dataset(config, workdir)
+    data = Data(config, data_dir, manual_dir, fold, mesh)
     steps_per_epoch = data.steps_per_epoch
     total_steps = int(config.num_epochs) * steps_per_epoch
     head_steps = int(config.head_epochs) * steps_per_epoch
@@ -746,7 +756,7 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
     model = create_model(config, num_classes, seed=int(config.seed))
     spec, init_info = _init_weights(config, model)
     graphdef, params, batch_stats, *rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    params, batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
+    params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
     metadata = {
         "format": METADATA_FORMAT,
@@ -758,7 +768,12 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         "temperature": 1.0,
         "best_metric": BEST_METRIC,
         "fold": fold,
-        "dataset": {"name": config.dataset, "config": config.dataset_config, "data_dir": data_dir},
+        "dataset": {
+            "name": config.dataset,
+            "config": config.dataset_config,
+            "data_dir": data_dir,
+            "manual_dir": manual_dir,
+        },
     }
     del model
 
@@ -838,9 +853,7 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         )
 
     # ---- Writers ----------------------------------------------------------------------
-    writer, use_clu = writers.create_writer(
-        workdir, config.writer, just_logging=not is_main
-    )
+    writer, use_clu = writers.create_writer(workdir, config.writer, just_logging=not is_main)
     if start_step == 0:
         writer.write_hparams(_flat_config(config))
     progress = _Progress(config, workdir, writer, total_steps, start_step, use_clu)
@@ -850,17 +863,28 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
     train_metrics = empty_metrics()
     stopped = None
     max_nonfinite = int(config.max_nonfinite_steps)
-    host_time = 0.0
+    # Host-side timing: the time blocked on the input pipeline, the time spent dispatching
+    # steps, and per epoch the training time (up to the epoch-end metrics sync), eval and
+    # checkpoint time. The first step (compilation) is timed apart, with one sync.
+    timing = {"data_wait_s": 0.0, "dispatch_s": 0.0, "first_step_s": None, "epochs": []}
     train_iter = data.train_batches(start_step)
+    t_loop = t_epoch = time.perf_counter()
     with _StopSignal() as stop:
         step = start_step
         while step < total_steps:
-            t_host = time.perf_counter()
+            t0 = time.perf_counter()
             batch = next(train_iter)
+            t1 = time.perf_counter()
             step_fn = head_step if step < head_steps else full_step
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, train_metrics = step_fn(state, train_metrics, batch)
-            host_time += time.perf_counter() - t_host
+            t2 = time.perf_counter()
+            timing["data_wait_s"] += t1 - t0
+            timing["dispatch_s"] += t2 - t1
+            if step == start_step:
+                jax.block_until_ready(state.step)
+                timing["first_step_s"] = time.perf_counter() - t_loop
+                t_epoch = time.perf_counter()  # epoch timings exclude compilation
             step += 1
             progress(step)
             epoch_end = step % steps_per_epoch == 0
@@ -885,18 +909,33 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
                     )
             if epoch_end:
                 epoch = step // steps_per_epoch
+                t_train_end = time.perf_counter()
                 with progress.timed("eval"):
                     logits, labels = run_eval(eval_step, state, data.eval_batches("validation"))
                     summary = eval_summary(logits, labels, class_names)
                     writer.write_scalars(step, eval_scalars(summary, "val"))
                     cm_image = metrics.confusion_matrix_image(
-                        summary["confusion_matrix"], class_names, as_float=True,
+                        summary["confusion_matrix"],
+                        class_names,
+                        as_float=True,
                         title=f"validation, epoch {epoch}",
                     )
                     writer.write_images(step, {"val/confusion_matrix": cm_image[None]})
                     overlay(step, state)
+                t_eval_end = time.perf_counter()
                 with progress.timed("checkpoint"):
                     save(step, epoch, val_metrics=_brief(summary), force=True)
+                t_epoch_end = time.perf_counter()
+                timing["epochs"].append(
+                    {
+                        "epoch": epoch,
+                        "steps": min(steps_per_epoch, step - start_step),
+                        "train_s": round(t_train_end - t_epoch, 4),
+                        "eval_s": round(t_eval_end - t_train_end, 4),
+                        "checkpoint_s": round(t_epoch_end - t_eval_end, 4),
+                    }
+                )
+                t_epoch = t_epoch_end
             elif ckpt.should_save(step):
                 with progress.timed("checkpoint"):
                     save(step, step // steps_per_epoch)
@@ -905,9 +944,10 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
                     save(step, step // steps_per_epoch, force=True)
                 stopped = stop.received or "signal"
                 break
+    train_iter.close()
     progress.close()
     ckpt.wait()
-    loop_time = time.time() - t_start
+    timing["loop_s"] = time.perf_counter() - t_loop
     writer.flush()
     if stopped:
         ckpt.close()
@@ -951,9 +991,10 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
     )
     results["timing"] = {
         "wall_s": round(time.time() - t_start, 2),
-        "train_loop_s": round(loop_time, 2),
-        "host_dispatch_s": round(host_time, 3),
         "steps": total_steps - start_step,
+        "batch_size": int(config.batch_size),
+        "devices": jax.device_count(),
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in timing.items()},
     }
     test_scalars = eval_scalars(eval_summary(test_logits, test_labels, class_names), "test")
     writer.write_scalars(total_steps, test_scalars)
@@ -1120,10 +1161,10 @@ def _write_report(workdir):
 
 
 _CV_FIELDS = (
-    ("accuracy", lambda t: t["accuracy"]),
-    ("balanced_accuracy", lambda t: t["balanced_accuracy"]),
-    ("macro_f1", lambda t: t["macro_f1"]),
-    ("roc_auc_macro", lambda t: t["roc_auc_macro"]),
+    ("accuracy", lambda t: t.get("accuracy")),
+    ("balanced_accuracy", lambda t: t.get("balanced_accuracy")),
+    ("macro_f1", lambda t: t.get("macro_f1")),
+    ("roc_auc_macro", lambda t: t.get("roc_auc_macro")),
     ("3class_accuracy", lambda t: (t.get("view_3class") or {}).get("accuracy")),
     ("2class_accuracy", lambda t: (t.get("view_2class") or {}).get("accuracy")),
     ("abnormal_sensitivity", lambda t: (t.get("abnormal_vs_nilm") or {}).get("sensitivity")),

@@ -51,7 +51,9 @@ class JsonlWriter:
         self._f.write(json.dumps(obj, allow_nan=True) + "\n")
 
     def write_scalars(self, step: int, scalars: Mapping):
-        self._line({"step": int(step), "kind": "scalars", **{k: _scalar(v) for k, v in scalars.items()}})
+        self._line(
+            {"step": int(step), "kind": "scalars", **{k: _scalar(v) for k, v in scalars.items()}}
+        )
 
     def write_texts(self, step: int, texts: Mapping):
         self._line({"step": int(step), "kind": "texts", **{k: str(v) for k, v in texts.items()}})

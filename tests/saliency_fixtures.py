@@ -74,8 +74,11 @@ def draw_cells(n, size=48, seed=0):
         cx, cy = rng.uniform(0.38, 0.62, 2) * size
         r_cell = rng.uniform(0.28, 0.36) * size
         cell = np.stack(
-            [cx + r_cell * np.cos(angles) * rng.uniform(0.9, 1.1, 24),
-             cy + r_cell * np.sin(angles) * rng.uniform(0.9, 1.1, 24)], 1
+            [
+                cx + r_cell * np.cos(angles) * rng.uniform(0.9, 1.1, 24),
+                cy + r_cell * np.sin(angles) * rng.uniform(0.9, 1.1, 24),
+            ],
+            1,
         )
         r_nuc = (rng.uniform(0.06, 0.085) if label == 0 else rng.uniform(0.12, 0.15)) * size
         ncx, ncy = cx + rng.uniform(-0.05, 0.05) * size, cy + rng.uniform(-0.05, 0.05) * size

@@ -348,3 +348,86 @@ def test_training_imports_never_load_tensorflow(dataset):
         """
     )
     assert "OK manual" in out
+
+
+def test_abandoned_iterator_stops_its_thread(train_cache):
+    import gc
+    import threading
+    import time
+
+    before = threading.active_count()
+    it = ip.train_batches(train_cache, 4, ip.make_mesh(), seed=0)  # endless
+    next(it)
+    assert threading.active_count() == before + 1
+    del it
+    gc.collect()
+    deadline = time.time() + 10
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+@pytest.mark.slow
+def test_two_jax_processes_each_read_their_share(dataset, tmp_path):
+    """A real multi-process run (JAX distributed runtime, 2 processes x 2 CPU devices): each
+    process decodes only its share; together the global batches hold what one process sees."""
+    _, data = dataset
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = textwrap.dedent(
+        f"""
+        import sys, json, jax, numpy as np
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        pid = int(sys.argv[1])
+        jax.distributed.initialize(coordinator_address='127.0.0.1:{port}', num_processes=2,
+                                   process_id=pid)
+        from sipak_jax import input_pipeline as ip
+        c = ip.load_splits({data!r}, 'grouped', ('fold0', 'fold1'), 16)
+        assert c.process_count == 2 and c.process_index == pid
+        mesh = ip.make_mesh()
+        out = {{'n': len(c), 'total': c.num_examples, 'train': [], 'eval': []}}
+        with ip.train_batches(c, 8, mesh, seed=5, num_steps=3) as it:
+            for b in it:
+                assert b['image'].shape == (8, 16, 16, 3)
+                out['train'].append(np.asarray(b['index'].addressable_data(0)).tolist()
+                                    + np.asarray(b['index'].addressable_data(1)).tolist())
+        for b in ip.eval_batches(c, 8, mesh):
+            m = np.concatenate([np.asarray(s.data) for s in b['mask'].addressable_shards])
+            i = np.concatenate([np.asarray(s.data) for s in b['index'].addressable_shards])
+            out['eval'] += i[m].tolist()
+        json.dump(out, open({str(tmp_path)!r} + f'/p{{pid}}.json', 'w'))
+        """
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(p)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for p in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    import json
+
+    res = [json.load(open(tmp_path / f"p{p}.json")) for p in range(2)]
+    total = res[0]["total"]
+    assert res[0]["n"] + res[1]["n"] == total
+    # Each process's training rows are 4 distinct examples of its own share.
+    shares = [set(range(p, total, 2)) for p in range(2)]
+    for p in range(2):
+        for rows in res[p]["train"]:
+            assert len(rows) == 4 and set(rows) <= shares[p]
+    assert sorted(res[0]["eval"] + res[1]["eval"]) == list(range(total))

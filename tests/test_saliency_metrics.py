@@ -2,6 +2,7 @@
 a random map on localisation, deletion/insertion and ROAD, and must fail the randomised
 model (Adebayo et al.'s sanity check)."""
 
+import jax
 import numpy as np
 import pytest
 from saliency_fixtures import draw_cells, train_tiny
@@ -78,12 +79,18 @@ def test_real_methods_beat_a_random_map(trained):
 
 
 @pytest.mark.slow
-def test_randomisation_sanity_decorrelates_gradients(trained):
+def test_randomisation_sanity_decorrelates_ig(trained):
     fns, x, labels, _, _ = trained
-    rho = metrics.randomization_sanity(fns, x[:4], "gradient", target=labels[:4])
+    state_before = [np.asarray(a).copy() for a in jax.tree.leaves(fns.state)]
+    rho = metrics.randomization_sanity(
+        fns, x[:4], "ig", target=labels[:4], absolute=False, steps=16
+    )
     assert list(rho) == [name for name, _ in metrics.RESNET_CASCADE]
     assert rho["stage4"].mean() < 0.5, rho
     assert rho["stem"].mean() < 0.3, rho
+    # The check works on copies: the model explained afterwards is the trained one.
+    for a, b in zip(state_before, jax.tree.leaves(fns.state), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_ig_completeness_reported_and_adaptive():
@@ -91,8 +98,9 @@ def test_ig_completeness_reported_and_adaptive():
 
     fns = saliency.ModelFunctions(tiny_model())
     x = images(2, 32, seed=9)
-    res = saliency.explain(fns, x, "ig", adaptive=True, target_gap=0.05, start_steps=16,
-                           max_steps=256)
+    res = saliency.explain(
+        fns, x, "ig", adaptive=True, target_gap=0.05, start_steps=16, max_steps=256
+    )
     assert res.info["converged"]
     assert np.all(res.info["gap"] <= 0.05)
     # The gap is what it says: sum of attributions against f(x) - f(baseline).
@@ -111,3 +119,99 @@ def test_auc_and_imputation_reference_values():
     hole[4:8, 3:9] = True
     filled = metrics.noisy_linear_impute(ramp, hole, noise=0.0)
     np.testing.assert_allclose(filled, ramp, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_every_metric_beside_a_random_map(trained):
+    from sipak_jax import saliency_eval
+
+    fns, _, _, _, _ = trained
+    imgs, labels, nucs, cells = draw_cells(6, SIZE, seed=5)
+    spec = preprocessing.spec_for("scratch", image_size=SIZE, resize="stretch")
+    valid = np.array([True] * 5 + [False])
+    res = saliency_eval.evaluate(
+        fns.model(),
+        spec,
+        imgs,
+        labels,
+        [(SIZE, SIZE)] * 6,
+        nucs,
+        cells,
+        valid,
+        ["small", "large"],
+        ["gradient"],
+        sanity_examples=2,
+        road_examples=2,
+        log=lambda s: None,
+    )
+    assert res["invalid_annotations_skipped"] == 1
+    assert set(res["methods"]) == {"gradient", "random"}
+    g = res["methods"]["gradient"]
+    for key in (
+        "deletion_auc",
+        "insertion_auc",
+        "road_morf",
+        "road_lerf",
+        "randomization_spearman",
+    ):
+        assert key in g, key
+    loc = g["localisation"]
+    assert loc["all"]["n"] == 5 and set(loc) >= {"all", "small", "large"}
+    for region in metrics.REGIONS:
+        assert 0 <= loc["all"][region]["chance"] <= 1
+
+
+@pytest.mark.slow
+def test_saliency_eval_command_on_the_synthetic_manual_dir(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from saliency_fixtures import tiny_model
+
+    from sipak_jax import model_io
+    from tfds_sipakmed import synthetic
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    manual = tmp_path / "manual"
+    synthetic.write_synthetic(str(manual), cells_per_class=6, seed=0)
+    spec = preprocessing.spec_for("scratch", image_size=64, resize="pad")
+    model_io.save_model_dir(
+        tmp_path / "m", tiny_model(), {"class_names": [f"c{i}" for i in range(5)], "preprocessing": spec}
+    )
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sipak_jax.saliency_eval",
+        f"--checkpoint={tmp_path / 'm'}",
+        f"--manual_dir={manual}",
+        "--split=fold0",
+        "--methods=gradcam",
+        f"--output={out}",
+        "--max_examples=4",
+        "--sanity_examples=1",
+        "--road_examples=1",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=repo),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["examples"] == 4 and "gradcam" in res["methods"]
+    r2 = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=repo),
+    )
+    assert r2.returncode == 2 and "not overwriting" in r2.stderr

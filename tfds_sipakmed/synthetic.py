@@ -98,9 +98,9 @@ MORPHOLOGY = {
         shape="round",
         aspect=(1.0, 1.2),
         wobble=0.03,
-        density=(0.70, 0.85),
+        density=(0.75, 0.90),
         stain="cyan",
-        nuc_value=(0.42, 0.55),
+        nuc_value=(0.55, 0.70),
         nuc_wobble=0.03,
         nuc_offset=(0.0, 0.12),
         spacing=(0.95, 1.25),
@@ -114,9 +114,9 @@ MORPHOLOGY = {
         wobble=0.05,
         density=(0.70, 0.85),
         stain="cyan",
-        nuc_value=(0.28, 0.40),
+        nuc_value=(0.18, 0.30),
         nuc_wobble=0.04,
-        nuc_offset=(0.28, 0.42),
+        nuc_offset=(0.35, 0.50),
         spacing=(1.05, 1.4),
     ),
     "Koilocytotic": Morphology(
@@ -126,7 +126,7 @@ MORPHOLOGY = {
         shape="round",
         aspect=(1.0, 1.4),
         wobble=0.06,
-        density=(0.35, 0.50),
+        density=(0.30, 0.45),
         stain="either",
         nuc_value=(0.10, 0.22),
         nuc_wobble=0.12,
@@ -138,11 +138,11 @@ MORPHOLOGY = {
         nuc_area=880,
         cells_per_cluster=3.6,
         shape="round",
-        aspect=(1.1, 1.6),
+        aspect=(1.3, 1.9),
         wobble=0.05,
-        density=(0.85, 0.95),
+        density=(0.90, 0.97),
         stain="eosin",
-        nuc_value=(0.08, 0.18),
+        nuc_value=(0.05, 0.15),
         nuc_wobble=0.08,
         nuc_offset=(0.0, 0.15),
         spacing=(0.70, 0.90),
@@ -267,18 +267,20 @@ def _make_cell(rng, cls, scale, palette):
                 * np.array([math.cos(direction + 1.5), math.sin(direction + 1.5)])
             )
             extra.append(nuc_centre + shift + (nuc - nuc_centre) * rng.uniform(0.7, 0.95))
-        halo_r = min(nuc_r * rng.uniform(1.9, 2.4), 0.78 * radius / math.sqrt(aspect))
+        halo_r = min(nuc_r * rng.uniform(2.2, 2.8), 0.85 * radius / math.sqrt(aspect))
         halo = nuc_centre + _with_area(
             _blob(rng, 40, rng.uniform(1.0, 1.3), 0.1), math.pi * halo_r**2
         )
         if extra:
             halo = halo + 0.5 * (extra[0].mean(0) - nuc_centre)
-    if cls == "Metaplastic" and rng.uniform() < 0.4:
+    if cls == "Metaplastic" and rng.uniform() < 0.5:
         vr = radius * rng.uniform(0.10, 0.18)
         vacuole = (*(-nuc_centre / max(off, 1e-6) * radius * 0.35), vr)
 
     stain = m.stain if m.stain != "either" else ("cyan" if rng.uniform() < 0.5 else "eosin")
     colour = palette[stain] * rng.uniform(0.92, 1.08)
+    if cls == "Dyskeratotic":  # keratinised: a deeper shade of the cluster's eosinophilic stain
+        colour = colour * 0.8
     nuc_colour = _hsv(
         palette["nucleus_hue"] + rng.uniform(-10, 10),
         palette["nucleus_sat"],
@@ -346,8 +348,8 @@ def _draw_cell(img, cell, rng, scale, background):
     )
     alpha = cell_m * np.clip(cell.density * (1.0 + 0.08 * tex), 0, 1)
     _blend(roi, alpha, cell.colour)
-    thick = max(1, round(2 * scale)) if cell.cls == "Metaplastic" else 1
-    edge = 0.55 if cell.cls == "Metaplastic" else 0.8
+    thick = max(2, round(3 * scale)) if cell.cls == "Metaplastic" else 1
+    edge = 0.45 if cell.cls == "Metaplastic" else 0.8
     _blend(roi, _outline(shape, cyt, origin, thick) * 0.8, cell.colour * edge)
 
     if cell.vacuole is not None:
@@ -368,9 +370,9 @@ def _draw_cell(img, cell, rng, scale, background):
     if cell.halo is not None:
         halo = cell.halo + cell.centre
         hm = _mask(shape, halo, origin) * cell_m
-        _blend(roi, hm * 0.85, background)  # the clear perinuclear cavity
-        rim = _outline(shape, halo, origin, max(2, round(4 * scale))) * cell_m
-        _blend(roi, rim * 0.9, cell.colour * 0.7)  # its dense rim
+        _blend(roi, hm * 0.95, background)  # the clear perinuclear cavity
+        rim = _outline(shape, halo, origin, max(2, round(5 * scale))) * cell_m
+        _blend(roi, rim * 0.95, cell.colour * 0.6)  # its dense rim
 
     for k, nuc_rel in enumerate([cell.nuc, *cell.extra_nuclei]):
         nuc = nuc_rel + cell.centre
@@ -378,11 +380,11 @@ def _draw_cell(img, cell, rng, scale, background):
         if cell.cls == "Parabasal":
             # vesicular: pale chromatin with granules and a crisp nuclear membrane
             _blend(roi, nm * 0.9, cell.nuc_colour)
-            gran = rng.uniform(0, 1, shape).astype(np.float32) < 0.05
-            _blend(roi, nm * gran * 0.6, cell.nuc_colour * 0.45)
-            _blend(
-                roi, _outline(shape, nuc, origin, max(1, round(2 * scale))), cell.nuc_colour * 0.5
-            )
+            gran = rng.uniform(0, 1, (max(1, shape[0] // 3), max(1, shape[1] // 3))) < 0.12
+            gran = cv2.resize(gran.astype(np.float32), shape[::-1], interpolation=cv2.INTER_NEAREST)
+            _blend(roi, nm * gran * 0.6, cell.nuc_colour * 0.4)
+            ring = _outline(shape, nuc, origin, max(2, round(3 * scale)))
+            _blend(roi, ring, cell.nuc_colour * 0.35)
         else:
             _blend(roi, nm * 0.95, cell.nuc_colour * (1.0 if k == 0 else 1.1))
 

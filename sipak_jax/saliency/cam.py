@@ -92,9 +92,7 @@ def _eigen_cam_pure(fns, stage, state, x):
     return jnp.maximum(proj * sign[:, None], 0.0).reshape(b, h, w)
 
 
-def score_cam(
-    fns: ModelFunctions, x, target, score="logit", stage=4, batch_size=64, state=None
-):
+def score_cam(fns: ModelFunctions, x, target, score="logit", stage=4, batch_size=64, state=None):
     """Score-CAM (Wang et al. 2020) [B,h,w], as pytorch-grad-cam: each channel's activation,
     upsampled and min-max scaled to [0, 1], masks the input; the weights are the softmax over
     channels of the target's score on the masked inputs. C forward passes per image."""

@@ -265,4 +265,3 @@ def _blur_ig_pure(fns, state, x, target, mats, *, score, batch_size, dsig):
 
     total, _ = jax.lax.scan(body, jnp.zeros_like(x), (jnp.asarray(idx), jnp.asarray(wts)))
     return -total
-

@@ -58,7 +58,9 @@ def randomized_state(fns: ModelFunctions, prefixes, seed: int = 0, state=None):
     """A copy of the model state whose parameters under the top-level attributes `prefixes`
     are re-initialised (kernels He-normal, biases and BatchNorm shifts 0, BatchNorm scales 1;
     BatchNorm statistics kept)."""
-    model = fns.model(state)
+    # Fresh Variable objects: updating a model merged from `state` itself would write into it.
+    source = fns.state if state is None else state
+    model = fns.model(jax.tree.map(lambda a: a, source))
     params = nnx.state(model, nnx.Param)
     key = jax.random.key(seed)
     counter = [0]
@@ -106,8 +108,6 @@ def randomization_sanity(
     from the model with the layers of `cascade` re-initialised cumulatively down to `level`.
     The target stays the trained model's prediction (or the given one). `absolute` compares
     |map| (as Adebayo et al.)."""
-    from sipak_jax import saliency
-
     fns = as_functions(model)
     x = jnp.asarray(x, jnp.float32)
     tgt = fns.resolve_target(x, target)
@@ -121,12 +121,9 @@ def randomization_sanity(
             fns.state = randomized_state(fns, tuple(prefixes), seed=seed, state=original)
             maps = _maps_with_state(fns, x, method, tgt, fns.state, **options)
             f = np.abs if absolute else (lambda v: v)
-            out[level] = np.array(
-                [spearman(f(base[i]), f(maps[i])) for i in range(x.shape[0])]
-            )
+            out[level] = np.array([spearman(f(base[i]), f(maps[i])) for i in range(x.shape[0])])
     finally:
         fns.state = original
-    del saliency
     return out
 
 
@@ -185,8 +182,12 @@ def deletion_insertion(
     )
     dele, ins = fn(fns.state, x, blurred, ranks, tgt, counts)
     dele, ins = np.asarray(dele), np.asarray(ins)
-    return {"deletion": auc(dele), "insertion": auc(ins), "deletion_curve": dele,
-            "insertion_curve": ins}
+    return {
+        "deletion": auc(dele),
+        "insertion": auc(ins),
+        "deletion_curve": dele,
+        "insertion_curve": ins,
+    }
 
 
 def _del_ins_pure(fns, batch_size, state, x, blurred, ranks, target, counts):
@@ -232,8 +233,14 @@ def noisy_linear_impute(image: np.ndarray, removed: np.ndarray, noise: float = 0
     diag = np.zeros(n)
     rhs = np.zeros((n, c))
     for dy, dx, wt in [
-        (-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
-        (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12),
+        (-1, 0, 1 / 6),
+        (1, 0, 1 / 6),
+        (0, -1, 1 / 6),
+        (0, 1, 1 / 6),
+        (-1, -1, 1 / 12),
+        (-1, 1, 1 / 12),
+        (1, -1, 1 / 12),
+        (1, 1, 1 / 12),
     ]:
         ny, nx = ys + dy, xs + dx
         ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)

@@ -88,8 +88,9 @@ def overlay_batch(
 
     imgs = np.asarray(images_uint8)
     if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != np.uint8:
-        raise ValueError(f"overlay_batch needs uint8 RGB images [B,S,S,3], got {imgs.dtype} "
-                         f"{imgs.shape}")
+        raise ValueError(
+            f"overlay_batch needs uint8 RGB images [B,S,S,3], got {imgs.dtype} {imgs.shape}"
+        )
     x = preprocessing.normalize(imgs, spec)
     result = saliency.explain(model, x, method, target=target, spec=spec, **options)
     out = np.stack([overlay(imgs[i], result.normalized[i], alpha) for i in range(len(imgs))])

@@ -26,9 +26,7 @@ def segments(image: np.ndarray, dilation_radius: int = 5) -> np.ndarray:
         from skimage.morphology import dilation, disk
         from skimage.transform import resize
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "XRAI's segmentation needs scikit-image: pip install scikit-image"
-        ) from e
+        raise ImportError("XRAI's segmentation needs scikit-image: pip install scikit-image") from e
     im = np.asarray(image, np.float64)
     shape = im.shape[:2]
     span = im.max() - im.min()
