@@ -23,27 +23,32 @@ from absl import app, flags
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Model DIR: a training workdir or a converted DIR.")
-flags.DEFINE_list(
-    "method",
-    ["gradcam"],
-    "Comma-separated saliency methods (sipak_jax.saliency.METHODS), e.g. gradcam,ig.",
-)
-flags.DEFINE_string("output_dir", None, "Where the overlays (and raw maps) go.")
-flags.DEFINE_bool("save_raw", False, "Also write <stem>.<method>.npy (H x W float32 raw map).")
-flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
-flags.DEFINE_string("target", None, "Class to explain (name or index); default: predicted.")
-flags.DEFINE_enum("score", "logit", ["logit", "probability"], "The score explained.")
-flags.DEFINE_integer("stage", 4, "ResNet stage (1..4) for the CAM family.")
-flags.DEFINE_string(
-    "baseline",
-    "background",
-    "IG baseline: zeros, black, white, black_white, "
-    "background (the slide colour around the cell) or blurred.",
-)
-flags.DEFINE_integer("ig_steps", 64, "Integrated Gradients steps.")
-flags.DEFINE_bool("average_transforms", False, "Average maps over the 8 rotations/flips.")
-flags.DEFINE_integer("batch_size", 8, "Images per batch.")
+
+
+def define_flags():
+    """The command's flags (defined only when run as a command, so that importing this
+    module beside other commands never clashes)."""
+    flags.DEFINE_string("checkpoint", None, "Model DIR: a training workdir or a converted DIR.")
+    flags.DEFINE_list(
+        "method",
+        ["gradcam"],
+        "Comma-separated saliency methods (sipak_jax.saliency.METHODS), e.g. gradcam,ig.",
+    )
+    flags.DEFINE_string("output_dir", None, "Where the overlays (and raw maps) go.")
+    flags.DEFINE_bool("save_raw", False, "Also write <stem>.<method>.npy (H x W float32 raw map).")
+    flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+    flags.DEFINE_string("target", None, "Class to explain (name or index); default: predicted.")
+    flags.DEFINE_enum("score", "logit", ["logit", "probability"], "The score explained.")
+    flags.DEFINE_integer("stage", 4, "ResNet stage (1..4) for the CAM family.")
+    flags.DEFINE_string(
+        "baseline",
+        "background",
+        "IG baseline: zeros, black, white, black_white, "
+        "background (the slide colour around the cell) or blurred.",
+    )
+    flags.DEFINE_integer("ig_steps", 64, "Integrated Gradients steps.")
+    flags.DEFINE_bool("average_transforms", False, "Average maps over the 8 rotations/flips.")
+    flags.DEFINE_integer("batch_size", 8, "Images per batch.")
 
 
 def collect_images(args: Sequence[str]) -> list[str]:
@@ -254,4 +259,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

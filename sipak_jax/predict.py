@@ -22,7 +22,9 @@ Output, one row per input file (`.jsonl`: one JSON object a line; `.csv`: the sa
   `label_3class` (normal / benign / abnormal) and `label_2class` (normal / abnormal): the
   argmax of the probabilities summed per group, as `sipak_jax.metrics` computes them;
   `p_abnormal` (Koilocytotic + Dyskeratotic); `flagged` (the 2-class reading is abnormal);
-  `bethesda`: the Bethesda System reading of the 5-class label (`classes.BETHESDA`);
+  `bethesda`: the Bethesda System reading of the 5-class label (`classes.BETHESDA`). When the
+  probability mass is split, `label` (5-class argmax) and `flagged` (summed groups) can
+  disagree, e.g. Dyskeratotic 0.35 but abnormal 0.45: read `flagged` for the screening call;
 - `temperature`; `overlay`: the saliency overlay PNG (with `--explain`: the map of the
   predicted class drawn over the original image at its own size), else null;
 - `error`: null, or why the file could not be read. Such a row has only `path` and `error`;
@@ -439,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.batch_size < 1:
         print("error: --batch_size must be at least 1", file=sys.stderr)
+        return 2
+    if args.overlays and os.path.exists(args.overlays) and not os.path.isdir(args.overlays):
+        print(f"error: --overlays={args.overlays} exists and is not a directory", file=sys.stderr)
         return 2
     if args.explain:
         from sipak_jax import saliency

@@ -27,13 +27,15 @@ What it reads from the workdir (written by `sipak_jax.train`):
     timing: dict               optional
   Every key but `test` may be missing; the section then says so.
 - `config.json` (the run's config), `metadata.json` (the model DIR metadata, with
-  `temperature`), `cv_results.json` (fold=all): optional.
+  `temperature` and `dataset`: {data_dir, manual_dir}), `cv_results.json` (fold=all: in the
+  parent of the fold directories `DIR/fold<k>/`): optional.
 
 Grad-CAM overlays of the selected calls are computed here (they are not files of the run):
 the model is loaded from the workdir (`model_io.load_model_dir`) and each call's original
-crop is read by its `file_name` under the first of `images_dir`, `config.manual_dir`, or the
-synthetic build's `raw/` folder that holds it. When that is impossible (no images at hand, no
-checkpoint) the section lists the calls and says why there are no overlays.
+crop is read by its `file_name` under the first folder that holds it: `images_dir`, the
+run's `manual_dir` (metadata `dataset` or config), or the synthetic build's `raw/` folder.
+When that is impossible (no images at hand, no checkpoint) the section lists the calls and
+says why there are no overlays.
 
 Output: `workdir/report.html` by default. An existing file is replaced only when it is a report
 this module wrote (it carries `<meta name="generator" content="sipak_jax.report">`); any other
@@ -185,10 +187,18 @@ def select_calls(predictions: Sequence[dict], class_names, k: int = DEFAULT_CALL
     return {"confident": confident, "doubtful": doubtful, "num_calls": len(calls)}
 
 
-def _image_roots(workdir: str, config: dict | None, images_dir: str | None) -> list[str]:
+def _image_roots(
+    workdir: str, config: dict | None, metadata: dict | None, images_dir: str | None
+) -> list[str]:
+    """Folders that may hold the crops named by `file_name`, most specific first."""
     roots = []
     if images_dir:
         roots.append(os.path.expanduser(images_dir))
+    dataset = (metadata or {}).get("dataset") or {}
+    if dataset.get("manual_dir"):  # the raw tree training read (or built TFDS from)
+        roots.append(os.path.expanduser(dataset["manual_dir"]))
+    if dataset.get("data_dir"):  # a synthetic build: <root>/tfds next to <root>/raw
+        roots.append(os.path.join(os.path.dirname(os.path.expanduser(dataset["data_dir"])), "raw"))
     config = config or {}
     if config.get("manual_dir"):
         roots.append(os.path.expanduser(config["manual_dir"]))
@@ -196,7 +206,13 @@ def _image_roots(workdir: str, config: dict | None, images_dir: str | None) -> l
     if isinstance(synthetic, dict) and int(synthetic.get("cells_per_class") or 0) > 0:
         root = os.path.expanduser(config["data_dir"]) if config.get("data_dir") else None
         roots.append(os.path.join(root or os.path.join(workdir, "data"), "raw"))
-    return roots
+        roots.append(os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", "raw"))
+    seen, out = set(), []
+    for r in roots:
+        if r and r not in seen:
+            seen.add(r)
+            out.append(r)
+    return out
 
 
 def _find_image(file_name: str, roots: Sequence[str]) -> str | None:
@@ -219,16 +235,17 @@ def call_overlays(
     config: dict | None,
     images_dir: str | None = None,
     method: str = "gradcam",
+    metadata: dict | None = None,
 ) -> tuple[dict, str | None]:
     """({index: overlay uint8 RGB on the original crop}, None) or ({}, why not).
 
     Loads the model from `workdir` and explains each call's predicted class."""
     if not calls:
         return {}, None
-    roots = _image_roots(workdir, config, images_dir)
+    roots = _image_roots(workdir, config, metadata, images_dir)
     if not roots:
         return {}, (
-            "no image folder is known (the run's config has no manual_dir); rerun with "
+            "no image folder is known (the run names no manual_dir); rerun with "
             "--images_dir=DIR, the folder holding im_<Class>/CROPPED/*.bmp"
         )
     found = {}
@@ -624,7 +641,7 @@ def _call_cards(calls, overlays, class_names) -> str:
     return f'<div class="grid">{"".join(cards)}</div>' if cards else "<p>None.</p>"
 
 
-def _section_calls(workdir, results, config, images_dir, with_overlays, k) -> str:
+def _section_calls(workdir, results, config, metadata, images_dir, with_overlays, k) -> str:
     out = '<h2 id="calls">Abnormal calls: the most confident and the most doubtful</h2>'
     names = results.get("class_names") or (results["test"].get("class_names"))
     preds = results.get("predictions")
@@ -636,7 +653,7 @@ def _section_calls(workdir, results, config, images_dir, with_overlays, k) -> st
     overlays, note = {}, None
     if with_overlays:
         overlays, note = call_overlays(
-            workdir, sel["confident"] + sel["doubtful"], config, images_dir
+            workdir, sel["confident"] + sel["doubtful"], config, images_dir, metadata=metadata
         )
     else:
         note = "overlays not requested (--nooverlays)"
@@ -715,8 +732,11 @@ def _section_predictions(rows: list[dict], source: str, max_thumbs: int = 500) -
         ov = r.get("overlay")
         cell = ""
         if ov and thumbs < max_thumbs:
-            path = ov if os.path.isabs(ov) else os.path.join(base, ov)
-            img = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+            # predict writes the overlay path as given to --overlays: absolute, or relative to
+            # where predict ran (tried first) or to the predictions file.
+            tries = [ov] if os.path.isabs(ov) else [ov, os.path.join(base, ov)]
+            path = next((t for t in tries if os.path.isfile(t)), None)
+            img = cv2.imread(path, cv2.IMREAD_COLOR) if path else None
             if img is not None:
                 img = img[..., ::-1]
                 s = 96 / max(img.shape[:2])
@@ -774,6 +794,15 @@ def render_report(
     """The report's HTML as a string (see the module docstring)."""
     workdir = os.fspath(workdir)
     results_path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(results_path) and os.path.isfile(
+        os.path.join(workdir, "cv_results.json")
+    ):
+        folds = sorted(d for d in os.listdir(workdir) if d.startswith("fold"))
+        raise FileNotFoundError(
+            f"{workdir} is a fold=all workdir (cv_results.json, {', '.join(folds)}): run the "
+            f"report on one fold's directory, e.g. --workdir={os.path.join(workdir, 'fold0')}; "
+            "each fold's report shows the cross-validation table too."
+        )
     if not os.path.isfile(results_path):
         raise FileNotFoundError(
             f"{results_path} not found: the report needs a finished training run "
@@ -788,7 +817,9 @@ def render_report(
     notes: list[str] = []
     config = _optional_json(os.path.join(workdir, "config.json"), notes)
     metadata = _optional_json(os.path.join(workdir, "metadata.json"), notes)
-    cv = _optional_json(os.path.join(workdir, "cv_results.json"), notes)
+    cv = _optional_json(os.path.join(workdir, "cv_results.json"), notes) or _optional_json(
+        os.path.join(os.path.dirname(os.path.abspath(workdir)), "cv_results.json"), notes
+    )
     pred_rows = read_predictions(predictions) if predictions else None
 
     sections = [
@@ -798,7 +829,7 @@ def render_report(
         _section_confusion(results),
         _section_abnormal(results),
         _section_calibration(workdir, results),
-        _section_calls(workdir, results, config, images_dir, overlays, num_calls),
+        _section_calls(workdir, results, config, metadata, images_dir, overlays, num_calls),
         _section_shortcuts(results),
     ]
     if pred_rows is not None:

@@ -23,22 +23,26 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Model DIR (training workdir or converted DIR).")
-flags.DEFINE_string("data_dir", None, "Built TFDS data dir (or use --manual_dir).")
-flags.DEFINE_string("manual_dir", None, "SIPaKMeD folders read directly (no TFDS).")
-flags.DEFINE_string("config", "grouped", "Dataset config: grouped or random_cells.")
-flags.DEFINE_string("split", "fold0", "The test fold.")
-flags.DEFINE_list("methods", ["gradcam", "ig"], "Saliency methods to measure.")
-flags.DEFINE_string("output", None, "JSON file for the results (never overwritten).")
-flags.DEFINE_integer("max_examples", 0, "Use at most this many examples (0: all).")
-flags.DEFINE_integer("sanity_examples", 8, "Examples for the randomisation sanity check.")
-flags.DEFINE_integer("road_examples", 32, "Examples for ROAD (a sparse solve per image).")
-flags.DEFINE_integer("ig_steps", 64, "Integrated Gradients steps.")
-flags.DEFINE_string("baseline", "background", "IG baseline.")
-flags.DEFINE_integer("batch_size", 8, "Images per batch.")
-flags.DEFINE_integer("seed", 0, "Seed of the random reference map and of the noise.")
-
 RANDOM = "random"
+
+
+def define_flags():
+    """The command's flags (defined only when run as a command, so that importing this
+    module beside other commands never clashes)."""
+    flags.DEFINE_string("checkpoint", None, "Model DIR (training workdir or converted DIR).")
+    flags.DEFINE_string("data_dir", None, "Built TFDS data dir (or use --manual_dir).")
+    flags.DEFINE_string("manual_dir", None, "SIPaKMeD folders read directly (no TFDS).")
+    flags.DEFINE_string("config", "grouped", "Dataset config: grouped or random_cells.")
+    flags.DEFINE_string("split", "fold0", "The test fold.")
+    flags.DEFINE_list("methods", ["gradcam", "ig"], "Saliency methods to measure.")
+    flags.DEFINE_string("output", None, "JSON file for the results (never overwritten).")
+    flags.DEFINE_integer("max_examples", 0, "Use at most this many examples (0: all).")
+    flags.DEFINE_integer("sanity_examples", 8, "Examples for the randomisation sanity check.")
+    flags.DEFINE_integer("road_examples", 32, "Examples for ROAD (a sparse solve per image).")
+    flags.DEFINE_integer("ig_steps", 64, "Integrated Gradients steps.")
+    flags.DEFINE_string("baseline", "background", "IG baseline.")
+    flags.DEFINE_integer("batch_size", 8, "Images per batch.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random reference map and of the noise.")
 
 
 def _method_options(method, ig_steps, baseline):
@@ -220,4 +224,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,7 +1,10 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`, the one call main.py makes.
 
 Reads top to bottom in sections, as big_vision's trainer does: set-up, mesh, input, model,
-optimizer, sharding and state, update step, checkpoint, evals, loop, final evaluation.
+optimizer, sharding and state, update step, checkpoint, evals, loop, final evaluation. What
+it reads is prepared by `sipak_jax.train_data`; what it records at evaluation time is decided
+by `sipak_jax.evaluation`; checkpoints go through `sipak_jax.checkpointing` and numbers through
+`sipak_jax.writers`.
 
 - One `jax.jit` step over a 1-D mesh `data` of every device of every process: the state
   (parameters, optimizer state, BatchNorm statistics) replicated `P()`, the batch sharded
@@ -24,7 +27,6 @@ optimizer, sharding and state, update step, checkpoint, evals, loop, final evalu
 """
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -43,8 +45,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sipak_jax import augment, checkpointing, classes, metrics, preprocessing, writers
+from sipak_jax import augment, checkpointing, classes, evaluation, metrics, preprocessing, writers
 from sipak_jax.models import ResNet
+from sipak_jax.train_data import Data, prepare_dataset
 
 METADATA_FORMAT = "sipak_jax.model/1"
 BEST_METRIC = checkpointing.BEST_METRIC
@@ -79,9 +82,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.warning("fold %d stopped before the end; cross-validation paused", fold)
             return {"stopped_early": True, "fold": fold}
         results.append(result)
-    summary = summarize_folds(results)
+    summary = evaluation.summarize_folds(results)
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, "cv_results.json"), summary)
+        evaluation.write_json(os.path.join(workdir, "cv_results.json"), summary)
         with open(os.path.join(workdir, "cv_results.md"), "w") as f:
             f.write(summary["table"])
     logging.info("cross-validation over %d folds:\n%s", len(results), summary["table"])
@@ -352,178 +355,7 @@ def make_eval_step(config, graphdef, rest, spec):
 
 
 # =============================================================================================
-# Input (sipak_jax.input_pipeline).
-
-
-def prepare_dataset(config, workdir: str) -> tuple[str, str]:
-    """(TFDS data_dir, manual_dir) to read, one of them empty.
-
-    With `config.synthetic.cells_per_class > 0` the synthetic SIPaKMeD is written first
-    (`<data_dir or WORKDIR/data>/raw`; process 0 writes, the others wait). With
-    `config.use_tfds` (the default) the raw tree (synthetic or `config.manual_dir`) is built
-    into a TFDS dataset through the real builder (needs TensorFlow) unless built already;
-    without it the raw tree is read directly (TF-free, e.g. on accelerator machines).
-    """
-    data_dir = os.path.expanduser(config.data_dir) if config.data_dir else ""
-    use_tfds = bool(config.use_tfds)
-    if config.synthetic.cells_per_class > 0:
-        root = data_dir or os.path.join(workdir, "data")
-        raw = os.path.join(root, "raw")
-        tfds_dir = os.path.join(root, "tfds")
-        marker = os.path.join(root, "BUILT")
-        if jax.process_index() == 0:
-            t0 = time.time()
-            if not os.path.isdir(raw):
-                import shutil
-
-                from tfds_sipakmed import synthetic
-
-                partial = raw + ".partial"  # renamed when complete: a crash leaves no half tree
-                shutil.rmtree(partial, ignore_errors=True)
-                synthetic.write_synthetic(
-                    partial,
-                    cells_per_class=int(config.synthetic.cells_per_class),
-                    seed=int(config.synthetic.seed),
-                )
-                os.replace(partial, raw)
-                logging.info("synthetic SIPaKMeD written in %.1f s: %s", time.time() - t0, raw)
-            if use_tfds and not os.path.exists(marker):
-                _build_tfds(raw, tfds_dir, config.dataset_config)
-                with open(marker, "w") as f:
-                    f.write(f"synthetic cells_per_class={config.synthetic.cells_per_class}\n")
-                logging.info("TFDS dataset built in %s (%.1f s)", tfds_dir, time.time() - t0)
-        _sync("synthetic dataset ready")
-        return (tfds_dir, "") if use_tfds else ("", raw)
-    if config.manual_dir:
-        manual = os.path.expanduser(config.manual_dir)
-        if not use_tfds:
-            return "", manual
-        target = data_dir or os.path.expanduser("~/tensorflow_datasets")
-        if jax.process_index() == 0:
-            _build_tfds(manual, target, config.dataset_config)
-        _sync("dataset built")
-        return target, ""
-    return data_dir, ""
-
-
-def _build_tfds(manual_dir: str, data_dir: str, builder_config: str):
-    """Builds through the real TFDS builder (needs TensorFlow; skipped when already built)."""
-    import tfds_sipakmed
-
-    tfds_sipakmed.build(manual_dir, data_dir, builder_config)
-
-
-def _sync(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-class Data:
-    """The three subsets of one cross-validation round and their batch iterators
-    (`sipak_jax.input_pipeline`): `train` (the four training folds less the validation
-    clusters), `validation` (whole cluster images carved from them), `test` (the held-out
-    fold, read only at the end)."""
-
-    def __init__(self, config, data_dir: str, manual_dir: str, fold: int, mesh):
-        from sipak_jax import input_pipeline
-
-        self._ip = input_pipeline
-        self.config = config
-        self.mesh = mesh
-        kwargs = {"manual_dir": manual_dir} if manual_dir else {}
-        self.caches = input_pipeline.load_folds(
-            data_dir or None,
-            config.dataset_config,
-            fold,
-            int(config.image_size),
-            config.resize,
-            os.path.expanduser(config.cache_dir) if config.cache_dir else None,
-            validation_fraction=float(config.val_fraction),
-            validation_seed=int(config.seed),
-            log=logging.info,
-            **kwargs,
-        )
-        self.batch_sharding = NamedSharding(mesh, P("data"))
-        self.steps_per_epoch = input_pipeline.steps_per_epoch(
-            self.caches["train"], int(config.batch_size)
-        )
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{self.num('train')} training examples do not fill one batch of "
-                f"config.batch_size={config.batch_size}; use a smaller batch"
-            )
-
-    def num(self, split: str) -> int:
-        return int(self.caches[split].num_examples)
-
-    def train_batches(self, start_step: int):
-        return self._ip.train_batches(
-            self.caches["train"],
-            int(self.config.batch_size),
-            self.mesh,
-            int(self.config.seed),
-            start_step,
-            prefetch=int(self.config.prefetch),
-        )
-
-    def eval_batches(self, split: str):
-        return self._ip.eval_batches(
-            self.caches[split],
-            int(self.config.eval_batch_size),
-            self.mesh,
-            prefetch=int(self.config.prefetch),
-        )
-
-    def examples(self, split: str) -> dict:
-        """{index: {file_name, cluster_id}} of this process's share of `split`."""
-        c = self.caches[split]
-        return {
-            int(i): {"file_name": str(f), "cluster_id": str(k)}
-            for i, f, k in zip(c.index, c.file_name, c.cluster_id, strict=True)
-        }
-
-    def fixed_images(self, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first `n` images (uint8) and labels of `split` in this process's share."""
-        c = self.caches[split]
-        return c.image[:n], c.label[:n]
-
-    def shortcut_inputs(self):
-        """(shapes, colours, labels, is_test) over every example of every fold, or None with
-        several processes (each holds only its share)."""
-        if jax.process_count() > 1:
-            return None
-        parts = [self.caches[k] for k in ("train", "validation", "test")]
-        shapes = np.concatenate([c.crop_shape for c in parts])
-        colours = np.concatenate(
-            [np.concatenate([c.mean_colour, c.border_colour.astype(np.float32)], 1) for c in parts]
-        )
-        labels = np.concatenate([c.label for c in parts])
-        is_test = np.concatenate([np.full(len(c), k == 2) for k, c in enumerate(parts)])
-        return shapes, colours, labels, is_test
-
-
-# =============================================================================================
 # Checkpoint (sipak_jax.checkpointing) and the run's metadata.
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, bytes):
-        return o.decode("utf-8", "replace")
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 class _StopSignal:
@@ -560,67 +392,6 @@ class _StopSignal:
 
             flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
         return flag
-
-
-# =============================================================================================
-# Evals.
-
-
-def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def run_eval(eval_step, state: TrainState, batches, *, with_index=False):
-    """Logits [N, K] and labels [N] of every real (unmasked) example, ordered by the
-    example's index in the split (the same order for any number of processes); with
-    `with_index`, the indices [N] too. One device->host transfer at the end."""
-    outs = [eval_step(state.params, state.batch_stats, b) for b in batches]
-    if not outs:
-        k = len(classes.CLASS_NAMES)
-        empty = (np.zeros((0, k), np.float32), np.zeros(0, np.int32))
-        return (*empty, np.zeros(0, np.int32)) if with_index else empty
-    logits, labels, masks, index = (
-        np.concatenate(x) for x in zip(*jax.device_get(outs), strict=True)
-    )
-    keep = masks.astype(bool)
-    order = np.argsort(index[keep], kind="stable")
-    logits, labels, index = logits[keep][order], labels[keep][order], index[keep][order]
-    return (logits, labels, index) if with_index else (logits, labels)
-
-
-def eval_summary(logits: np.ndarray, labels: np.ndarray, class_names) -> dict:
-    """`metrics.classification_metrics` plus the mean cross-entropy."""
-    probs = _softmax(logits)
-    out = metrics.classification_metrics(labels, probs, class_names)
-    logp = np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
-    out["loss"] = float(-logp.mean()) if len(labels) else None
-    return out
-
-
-def eval_scalars(summary: dict, prefix: str) -> dict:
-    """The scalars of an eval summary for the writer (None left out)."""
-    out = {
-        f"{prefix}/loss": summary["loss"],
-        f"{prefix}/accuracy": summary["accuracy"],
-        f"{prefix}/balanced_accuracy": summary["balanced_accuracy"],
-        f"{prefix}/macro_f1": summary["macro_f1"],
-        f"{prefix}/roc_auc_macro": summary["roc_auc_macro"],
-    }
-    for name, pc in summary["per_class"].items():
-        for k in ("precision", "recall", "f1", "roc_auc"):
-            out[f"{prefix}_per_class/{name}/{k}"] = pc[k]
-    if summary.get("view_3class"):
-        out[f"{prefix}/3class_accuracy"] = summary["view_3class"]["accuracy"]
-        out[f"{prefix}/3class_balanced_accuracy"] = summary["view_3class"]["balanced_accuracy"]
-    if summary.get("view_2class"):
-        out[f"{prefix}/2class_accuracy"] = summary["view_2class"]["accuracy"]
-    if summary.get("abnormal_vs_nilm"):
-        out[f"{prefix}/abnormal_sensitivity"] = summary["abnormal_vs_nilm"]["sensitivity"]
-        out[f"{prefix}/abnormal_specificity"] = summary["abnormal_vs_nilm"]["specificity"]
-    return {k: v for k, v in out.items() if v is not None}
 
 
 # =============================================================================================
@@ -834,8 +605,8 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         start_step = int(meta["step"])
         logging.info("resumed from checkpoint %d (epoch %d)", start_step, meta["epoch"])
     if is_main:
-        _write_json(os.path.join(workdir, "metadata.json"), metadata)
-        _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        evaluation.write_json(os.path.join(workdir, "metadata.json"), metadata)
+        evaluation.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
     def save(step, epoch, *, val_metrics=None, force=False):
         meta = {
@@ -911,9 +682,11 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
                 epoch = step // steps_per_epoch
                 t_train_end = time.perf_counter()
                 with progress.timed("eval"):
-                    logits, labels = run_eval(eval_step, state, data.eval_batches("validation"))
-                    summary = eval_summary(logits, labels, class_names)
-                    writer.write_scalars(step, eval_scalars(summary, "val"))
+                    logits, labels = evaluation.run_eval(
+                        eval_step, state, data.eval_batches("validation")
+                    )
+                    summary = evaluation.eval_summary(logits, labels, class_names)
+                    writer.write_scalars(step, evaluation.eval_scalars(summary, "val"))
                     cm_image = metrics.confusion_matrix_image(
                         summary["confusion_matrix"],
                         class_names,
@@ -924,7 +697,7 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
                     overlay(step, state)
                 t_eval_end = time.perf_counter()
                 with progress.timed("checkpoint"):
-                    save(step, epoch, val_metrics=_brief(summary), force=True)
+                    save(step, epoch, val_metrics=evaluation.brief(summary), force=True)
                 t_epoch_end = time.perf_counter()
                 timing["epochs"].append(
                     {
@@ -973,11 +746,11 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         )
     best_meta = ckpt.restore_meta(best) if best is not None else {}
     ckpt.close()
-    val_logits, val_labels = run_eval(eval_step, state, data.eval_batches("validation"))
-    test_logits, test_labels, test_index = run_eval(
+    val_logits, val_labels = evaluation.run_eval(eval_step, state, data.eval_batches("validation"))
+    test_logits, test_labels, test_index = evaluation.run_eval(
         eval_step, state, data.eval_batches("test"), with_index=True
     )
-    results = final_results(
+    results = evaluation.final_results(
         config,
         workdir,
         fold=fold,
@@ -996,7 +769,9 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         "devices": jax.device_count(),
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in timing.items()},
     }
-    test_scalars = eval_scalars(eval_summary(test_logits, test_labels, class_names), "test")
+    test_scalars = evaluation.eval_scalars(
+        evaluation.eval_summary(test_logits, test_labels, class_names), "test"
+    )
     writer.write_scalars(total_steps, test_scalars)
     cm_image = metrics.confusion_matrix_image(
         results["test"]["confusion_matrix"], class_names, as_float=True, title=f"test fold {fold}"
@@ -1005,9 +780,9 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
     writer.flush()
     writer.close()
     if is_main:
-        _write_json(os.path.join(workdir, "results.json"), results)
+        evaluation.write_json(os.path.join(workdir, "results.json"), results)
         if config.report:
-            _write_report(workdir)
+            evaluation.write_report(workdir)
     logging.info(
         "fold %d: test accuracy %.4f, macro-F1 %.4f (best step %s); %s",
         fold,
@@ -1017,16 +792,6 @@ def train_one_fold(config, workdir: str, fold: int, *, final_state_callback=None
         os.path.join(workdir, "results.json"),
     )
     return results
-
-
-def _brief(summary: dict) -> dict:
-    """The validation figures stored with a checkpoint (JSON, no None for the best metric)."""
-    return {
-        "macro_f1": float(summary["macro_f1"] or 0.0),
-        "accuracy": summary["accuracy"],
-        "balanced_accuracy": summary["balanced_accuracy"],
-        "loss": summary["loss"],
-    }
 
 
 # =============================================================================================
@@ -1069,134 +834,3 @@ class _OverlayWriter:
             self.enabled = False
             return
         self.writer.write_images(step, {f"val_overlays/{self.method}": np.asarray(images)})
-
-
-# =============================================================================================
-# Final results, calibration, report, cross-validation summary.
-
-
-def final_results(
-    config, workdir, *, fold, best_step, best_epoch, val, test, data, class_names, metadata
-) -> dict:
-    """The results.json dict; also writes the temperature into metadata.json and the
-    reliability diagram (process 0)."""
-    val_logits, val_labels = val
-    test_logits, test_labels, test_index = test
-    test_examples = data.examples("test")
-    results = {
-        "fold": fold,
-        "best_step": best_step,
-        "best_epoch": best_epoch,
-        "selection": f"best validation macro-F1 ({BEST_METRIC}); the test fold read once",
-        "class_names": class_names,
-        "validation": eval_summary(val_logits, val_labels, class_names),
-        "test": eval_summary(test_logits, test_labels, class_names),
-    }
-    temperature = 1.0
-    if config.calibrate and len(val_labels):
-        from sipak_jax import calibration
-
-        cal = calibration.calibration_summary(val_logits, val_labels, test_logits, test_labels)
-        temperature = float(cal["temperature"])
-        results["calibration"] = cal
-        if jax.process_index() == 0:
-            calibration.write_reliability_diagram(
-                os.path.join(workdir, "reliability.png"),
-                {
-                    "before": _softmax(test_logits),
-                    f"after T={temperature:.2f}": _softmax(test_logits, temperature),
-                },
-                test_labels,
-                title=f"Reliability, test fold {fold}",
-            )
-            results["calibration"]["diagram"] = "reliability.png"
-    probs = _softmax(test_logits, temperature)
-    predictions = []
-    for i in range(len(test_labels)):
-        row = {
-            "index": int(test_index[i]),
-            **test_examples.get(int(test_index[i]), {}),
-            "label": int(test_labels[i]),
-            "prediction": int(np.argmax(probs[i])),
-            "probabilities": [round(float(p), 6) for p in probs[i]],
-            "logits": [round(float(z), 5) for z in test_logits[i]],
-        }
-        predictions.append(row)
-    results["predictions"] = predictions
-    results["predictions_note"] = "probabilities after temperature scaling"
-    if config.shortcuts:
-        results["shortcuts"] = _shortcuts(data, fold, int(config.seed))
-    if jax.process_index() == 0:
-        metadata = {**metadata, "temperature": temperature}
-        _write_json(os.path.join(workdir, "metadata.json"), metadata)
-    return results
-
-
-def _shortcuts(data, fold: int, seed: int):
-    """Size-only and colour-only controls on the same folds (sipak_jax.shortcuts)."""
-    from sipak_jax import shortcuts
-
-    inputs = data.shortcut_inputs()
-    if inputs is None:
-        return {"skipped": "several processes: each holds only its share of the folds"}
-    shapes, colours, labels, is_test = inputs
-    folds = np.where(is_test, fold, -1)
-    try:
-        return shortcuts.shortcut_controls(shapes, colours, labels, folds, fold, seed=seed)
-    except Exception as e:  # noqa: BLE001 - the controls must not lose a finished run
-        logging.warning("shortcut controls failed: %r", e)
-        return {"error": repr(e)}
-
-
-def _write_report(workdir):
-    try:
-        from sipak_jax import report
-    except ImportError:
-        logging.warning("sipak_jax.report is not available; no report.html")
-        return
-    try:
-        report.write_report(workdir)
-    except Exception as e:  # noqa: BLE001 - the report must not lose a finished run
-        logging.warning("report failed: %r", e)
-
-
-_CV_FIELDS = (
-    ("accuracy", lambda t: t.get("accuracy")),
-    ("balanced_accuracy", lambda t: t.get("balanced_accuracy")),
-    ("macro_f1", lambda t: t.get("macro_f1")),
-    ("roc_auc_macro", lambda t: t.get("roc_auc_macro")),
-    ("3class_accuracy", lambda t: (t.get("view_3class") or {}).get("accuracy")),
-    ("2class_accuracy", lambda t: (t.get("view_2class") or {}).get("accuracy")),
-    ("abnormal_sensitivity", lambda t: (t.get("abnormal_vs_nilm") or {}).get("sensitivity")),
-    ("abnormal_specificity", lambda t: (t.get("abnormal_vs_nilm") or {}).get("specificity")),
-)
-
-
-def summarize_folds(results: list[dict]) -> dict:
-    """Mean and sample standard deviation (ddof=1) over folds of the test figures."""
-    rows = {}
-    for name, get in _CV_FIELDS:
-        values = [get(r["test"]) for r in results]
-        values = [float(v) for v in values if v is not None]
-        if values:
-            rows[name] = {
-                "mean": float(np.mean(values)),
-                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "per_fold": values,
-            }
-    ece = [r["calibration"]["test"]["after"]["ece"] for r in results if r.get("calibration")]
-    if ece:
-        rows["ece_after_temperature"] = {
-            "mean": float(np.mean(ece)),
-            "std": float(np.std(ece, ddof=1)) if len(ece) > 1 else 0.0,
-            "per_fold": [float(v) for v in ece],
-        }
-    folds = [r["fold"] for r in results]
-    lines = [
-        "| metric (test folds) | mean | std | " + " | ".join(f"fold {f}" for f in folds) + " |",
-        "|---|---:|---:|" + "---:|" * len(folds),
-    ]
-    for name, row in rows.items():
-        per = " | ".join(f"{v:.4f}" for v in row["per_fold"])
-        lines.append(f"| {name} | {row['mean']:.4f} | {row['std']:.4f} | {per} |")
-    return {"folds": folds, "metrics": rows, "table": "\n".join(lines) + "\n"}

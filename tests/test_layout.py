@@ -238,3 +238,27 @@ def test_count_report_warns_on_unpublished_counts():
     assert not warnings and "4049" in lines[-1]
     _, warnings = layout.count_report(dict(layout.PUBLISHED_COUNTS, Parabasal=700))
     assert len(warnings) == 1 and "Parabasal has 700" in warnings[0] and "787" in warnings[0]
+
+
+def test_tf_free_modules_import_without_tfds_or_tensorflow(tmp_path):
+    """GPU machines lack tensorflow_datasets and TensorFlow: the helpers must still work."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'py7zr'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import tfds_sipakmed\n"
+        "from tfds_sipakmed import folds, layout, synthetic\n"
+        f"synthetic.write_synthetic({str(tmp_path)!r}, 2, scale=0.15)\n"
+        f"cells = list(layout.iter_cells({str(tmp_path)!r}, log=lambda s: None))\n"
+        "print(len(cells), sorted(set(folds.assign_folds(cells))))\n"
+        "assert not hasattr(tfds_sipakmed, 'Builder')\n"
+    )
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "10 [0, 1, 2, 3, 4]"

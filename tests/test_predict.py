@@ -289,10 +289,22 @@ def test_command_line_entry_point(model_dir, tmp_path):
     (tmp_path / "broken.bmp").write_bytes(b"BM\x00\x01")
     out = tmp_path / "out.jsonl"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The real entry point (`python -m sipak_jax.predict`, via runpy), then a look at which
+    # modules it imported: TensorFlow must stay out of the predict path.
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_module('sipak_jax.predict', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    print('TENSORFLOW_IMPORTED', 'tensorflow' in sys.modules, file=sys.stderr)\n"
+        "    raise\n"
+    )
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
+            "-c",
+            script,
             "sipak_jax.predict",
             f"--checkpoint={model_dir}",
             f"--output={out}",
@@ -308,4 +320,4 @@ def test_command_line_entry_point(model_dir, tmp_path):
     rows = _jsonl(out)
     assert [os.path.basename(r["path"]) for r in rows] == ["broken.bmp", "cell.tif"]
     assert rows[0]["error"] and rows[1]["error"] is None
-    assert "tensorflow" not in proc.stderr.lower()
+    assert "TENSORFLOW_IMPORTED False" in proc.stderr

@@ -279,3 +279,12 @@ def test_command_line_errors(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{not json")
     assert report.main([f"--workdir={tmp_path}"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_fold_all_workdir_points_to_the_fold_directories(tmp_path, capsys):
+    (tmp_path / "cv_results.json").write_text('{"folds": [0, 1], "metrics": {}}')
+    (tmp_path / "fold0").mkdir()
+    (tmp_path / "fold1").mkdir()
+    assert report.main([f"--workdir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "fold=all workdir" in err and "fold0" in err

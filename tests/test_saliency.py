@@ -24,7 +24,7 @@ def test_gradcam_hirescam_xgradcam_equal_cam_at_the_last_stage(fns, model):
     x = images(3, 64, seed=11)
     t = fns.predict(x)
     acts = np.asarray(fns.model().features(jnp.asarray(x), 4))
-    w = np.asarray(model.fc.kernel.value)
+    w = np.asarray(model.fc.kernel[...])
     h, wd = acts.shape[1:3]
     cam_ref = np.maximum(np.einsum("bhwc,cb->bhw", acts, w[:, np.asarray(t)]), 0) / (h * wd)
     for kind in ("gradcam", "hirescam", "xgradcam"):
@@ -41,6 +41,7 @@ def test_cam_variants_differ_at_an_inner_stage(fns):
     assert not np.allclose(g, h, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_every_method_gives_finite_maps_of_the_input_size(fns):
     x = images(2, 32, seed=13)
     small = {
@@ -71,7 +72,7 @@ def test_no_nan_on_an_all_negative_map():
 
 def test_cam_of_a_class_with_negative_evidence_everywhere_is_zero_not_nan():
     m = tiny_model(num_classes=2, seed=3)
-    m.fc.kernel.value = -jnp.abs(m.fc.kernel.value)  # activations >= 0: every CAM <= 0
+    m.fc.kernel[...] = -jnp.abs(m.fc.kernel[...])  # activations >= 0: every CAM <= 0
     r = saliency.explain(m, images(2, 64, seed=14), "gradcam", target=0)
     assert np.all(np.isfinite(r.normalized))
     np.testing.assert_array_equal(r.maps, 0)

@@ -177,7 +177,9 @@ def test_saliency_eval_command_on_the_synthetic_manual_dir(tmp_path):
     synthetic.write_synthetic(str(manual), cells_per_class=6, seed=0)
     spec = preprocessing.spec_for("scratch", image_size=64, resize="pad")
     model_io.save_model_dir(
-        tmp_path / "m", tiny_model(), {"class_names": [f"c{i}" for i in range(5)], "preprocessing": spec}
+        tmp_path / "m",
+        tiny_model(),
+        {"class_names": [f"c{i}" for i in range(5)], "preprocessing": spec},
     )
     out = tmp_path / "r.json"
     cmd = [

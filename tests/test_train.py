@@ -154,7 +154,7 @@ def test_train_and_evaluate_writes_every_output(tiny_data, tmp_path):
     np.testing.assert_allclose(logits, want, atol=1e-4)
 
 
-def _tiny_step_setup(inject=()):
+def _tiny_step_setup(inject=(), head_only=False, **overrides):
     """The pieces train_one_fold builds, for a unit test of the update step."""
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -162,7 +162,7 @@ def _tiny_step_setup(inject=()):
 
     from sipak_jax import preprocessing, train
 
-    config = tiny_config("", inject_nonfinite_steps=tuple(inject))
+    config = tiny_config("", inject_nonfinite_steps=tuple(inject), **overrides)
     mesh = train.make_mesh()
     rep = NamedSharding(mesh, P())
     model = train.create_model(config, 5, seed=0)
@@ -178,7 +178,7 @@ def _tiny_step_setup(inject=()):
         max_streak=jnp.int32(0),
     )
     spec = preprocessing.spec_for("scratch", config.image_size)
-    fn = train.make_train_step(config, graphdef, rest, tx, spec, head_only=False, num_classes=5)
+    fn = train.make_train_step(config, graphdef, rest, tx, spec, head_only=head_only, num_classes=5)
     step = jax.jit(fn, out_shardings=(rep, rep))
     rng = np.random.default_rng(0)
     batch = {
@@ -217,6 +217,29 @@ def test_nonfinite_loss_skips_the_update_and_keeps_batchnorm_statistics():
     assert np.isfinite(float(m.compute()["loss"]))
 
 
+def test_head_only_phase_trains_only_the_head_in_bfloat16():
+    train, state, step, batch = _tiny_step_setup(
+        head_only=True, head_epochs=1, num_epochs=3, compute_dtype="bfloat16"
+    )
+    before = jax.device_get(state)
+    state, _ = step(state, train.TrainMetrics.empty(), batch)
+    after = jax.device_get(state)
+    for path, a in jax.tree_util.tree_flatten_with_path(before.params)[0]:
+        b = after.params
+        for k in path:
+            b = b[k.key]
+        assert b.dtype == np.float32
+        if jax.tree_util.keystr(path).startswith("['fc']"):
+            assert not np.array_equal(a, b), path
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    for a, b in zip(
+        jax.tree.leaves(before.batch_stats), jax.tree.leaves(after.batch_stats), strict=True
+    ):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+
 def test_k_nonfinite_losses_in_a_row_stop_without_a_checkpoint(tiny_data, tmp_path):
     from sipak_jax import train
 
@@ -249,13 +272,34 @@ def test_config_errors_are_clear(tiny_data, tmp_path):
         train.train_and_evaluate(tiny_config(tiny_data, augment=("spin",)), str(tmp_path))
 
 
-def test_summarize_folds_mean_and_sample_std():
+@pytest.mark.slow
+def test_fold_all_trains_five_folds_and_summarizes(tiny_data, tmp_path):
     from sipak_jax import train
+
+    workdir = tmp_path / "cv"
+    config = tiny_config(tiny_data, num_epochs=1, num_overlay_cells=0, calibrate=False)
+    with config.unlocked():
+        config.fold = "all"
+    summary = train.train_and_evaluate(config, str(workdir))
+    assert summary["folds"] == [0, 1, 2, 3, 4]
+    for fold in range(5):
+        with open(workdir / f"fold{fold}" / "results.json") as f:
+            assert json.load(f)["fold"] == fold
+    with open(workdir / "cv_results.json") as f:
+        saved = json.load(f)
+    acc = saved["metrics"]["accuracy"]
+    assert len(acc["per_fold"]) == 5
+    assert acc["mean"] == pytest.approx(np.mean(acc["per_fold"]))
+    assert (workdir / "cv_results.md").read_text().startswith("| metric (test folds) | mean |")
+
+
+def test_summarize_folds_mean_and_sample_std():
+    from sipak_jax import evaluation
 
     def result(fold, acc):
         return {"fold": fold, "test": {"accuracy": acc, "macro_f1": acc / 2}}
 
-    summary = train.summarize_folds([result(0, 0.8), result(1, 0.9), result(2, 1.0)])
+    summary = evaluation.summarize_folds([result(0, 0.8), result(1, 0.9), result(2, 1.0)])
     acc = summary["metrics"]["accuracy"]
     assert acc["mean"] == pytest.approx(0.9)
     assert acc["std"] == pytest.approx(np.std([0.8, 0.9, 1.0], ddof=1))

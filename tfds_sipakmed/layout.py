@@ -526,8 +526,9 @@ def count_report(counts: Mapping[str, int]) -> tuple[list[str], list[str]]:
         lines.append(f"  {cls:<25} {n:5d} cells (published: {want})")
         if n != want:
             warnings.append(
-                f"warning: {cls} has {n} cells, the published dataset has {want} "
-                "(expected for the synthetic stand-in; for the real data, check the download)."
+                f"warning: {cls} has {n} cells, the published dataset has {want}. With the "
+                "real data this means missing or extra files: check the download (a synthetic "
+                "stand-in differs by design)."
             )
     total = sum(counts.values())
     lines.append(f"  {'total':<25} {total:5d} cells (published: {sum(PUBLISHED_COUNTS.values())})")

@@ -495,7 +495,7 @@ def _write_cluster(class_dir, cls, cluster_id, n_cells, rng, scale, bad_rate):
     img *= illum[..., None]
     sigma = rng.uniform(0.5, 1.3)
     img = cv2.GaussianBlur(img, (0, 0), sigma)
-    img += rng.normal(0, rng.uniform(1.5, 4.0), img.shape).astype(np.float32)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(1.5, 4.0))
     img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
     stem = f"{cluster_id:03d}"

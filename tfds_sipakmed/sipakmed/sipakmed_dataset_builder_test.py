@@ -1,7 +1,7 @@
 """`tfds.testing.DatasetBuilderTestCase` over `dummy_data/` (both configs).
 
 `dummy_data/` is a tiny synthetic SIPaKMeD (the real on-disk tree: cluster images, both levels
-of `.dat` contours, CROPPED/ crops; 3 cells per class, 3 with bad annotations), made with:
+of `.dat` contours, CROPPED/ crops; 3 cells per class, one with a bad annotation), made with:
 
     python -c "from tfds_sipakmed.synthetic import write_synthetic; write_synthetic(
         'tfds_sipakmed/sipakmed/dummy_data', 3, seed=2, scale=0.15, bad_annotation_rate=0.15)"
