@@ -94,7 +94,7 @@ def flax_steps(batch, dtype, mode):
 
     def step(params, rest, opt_state, x, y):
         def loss_fn(p):
-            m = nnx.merge(graphdef, p, rest)
+            m = nnx.merge(graphdef, p, rest, copy=True)
             logits = m(x)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, nnx.state(m, ...)

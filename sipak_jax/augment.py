@@ -19,11 +19,11 @@ Ops (angles in degrees, counter-clockwise as `np.rot90` and `cv2.getRotationMatr
 - `flip_lr(p=0.5)`, `flip_ud(p=0.5)`; `flip(p=0.5)` = both, independently.
 - `rotate(max_angle=180, fill='border', p=1.0)`: angle uniform in [-max_angle, max_angle]
   about the image centre, bilinear. `fill` says what enters from outside the image:
-  `'border'` (default) the image's border colour (per-channel median of its outermost pixel
-  ring: the slide background, so the rotated cell sits on the same background as the
-  `pad` resize policy puts it on); `'reflect'` mirrors the image (OpenCV BORDER_REFLECT_101:
-  no repeated edge pixel), which may copy neighbouring cells in; `'edge'` repeats the edge
-  pixels (BORDER_REPLICATE); a number or RGB triple is a constant.
+  `'border'` (default) the image's border colour (per-channel median, lower middle value, of
+  its outermost pixel ring: the slide background, so the rotated cell sits on the same
+  background as the `pad` resize policy puts it on); `'reflect'` mirrors the image
+  (OpenCV BORDER_REFLECT_101: no repeated edge pixel), which may copy neighbouring cells in;
+  `'edge'` repeats the edge pixels (BORDER_REPLICATE); a number or RGB triple is a constant.
 - `brightness(max_delta=0.1)`: adds delta*255, delta uniform in [-max_delta, max_delta].
 - `contrast(lower=0.8, upper=1.2)`: (x - mean) * f + mean, per-image channel means, f uniform.
 - `hue(max_delta=0.02)`: shifts the HSV hue by delta (fraction of the circle), as
@@ -56,6 +56,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Op = Callable[[jax.Array, jax.Array], jax.Array]  # (rng, image [H, W, C]) -> image
 _REGISTRY: dict[str, Callable[..., Op]] = {}
@@ -157,7 +158,9 @@ def _apply_geometric(keys, images, run: list[Geometric]):
         if all(g.exact for g in run):  # a pixel permutation: gather, exact, dtype kept
             sx = jnp.clip(jnp.round(src_x).astype(jnp.int32), 0, w - 1)
             sy = jnp.clip(jnp.round(src_y).astype(jnp.int32), 0, h - 1)
-            return jnp.take(image.reshape(h * w, -1), sy * w + sx, axis=0).reshape(image.shape)
+            return jnp.take(image.reshape(h * w, -1), sy * w + sx, axis=0, mode="clip").reshape(
+                image.shape
+            )
         fill = [g.fill for g in run if not g.exact][-1]
         return sample_bilinear(image, src_x, src_y, _fill_value(fill, image))
 
@@ -283,9 +286,10 @@ def flip(p: float = 0.5) -> Geometric:
 
 
 def border_colour(image: jax.Array) -> jax.Array:
-    """Per-channel median of the outermost pixel ring of an image [H, W, C] (float32)."""
+    """Per-channel median (the lower middle value, so uint8 stays uint8) of the outermost
+    pixel ring of an image [H, W, C], in the image's dtype."""
     ring = jnp.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]], axis=0)
-    return jnp.median(ring.astype(jnp.float32), axis=0)
+    return jnp.sort(ring, axis=0)[(ring.shape[0] - 1) // 2]
 
 
 def _reflect101(i, n):
@@ -301,10 +305,18 @@ def sample_bilinear(image: jax.Array, src_x: jax.Array, src_y: jax.Array, fill) 
     """Bilinear samples of `image` [H, W, C] at float source coordinates (pixel centres at
     integers) of any shape S -> [*S, C] float32.
 
-    `fill`: 'reflect' / 'edge' (index modes), or a float [C] colour that every sample from
-    outside the image takes (weighted per corner, as OpenCV's BORDER_CONSTANT).
+    `fill`: 'reflect' / 'edge' (index modes), or a colour [C] that every sample from outside
+    the image takes (weighted per corner, as OpenCV's BORDER_CONSTANT). A colour is done by
+    framing the image with one pixel of it and clamping: no per-corner masks.
     """
     h, w, c = image.shape
+    if not isinstance(fill, str):
+        fill = jnp.asarray(fill)
+        keep = image.dtype == jnp.uint8 and jnp.issubdtype(fill.dtype, jnp.integer)
+        dtype = image.dtype if keep else jnp.float32
+        canvas = jnp.broadcast_to(fill.astype(dtype), (h + 2, w + 2, c))
+        canvas = canvas.at[1:-1, 1:-1].set(image.astype(dtype))
+        return sample_bilinear(canvas, src_x + 1.0, src_y + 1.0, "edge")
     flat = image.reshape(h * w, c)
     x0f, y0f = jnp.floor(src_x), jnp.floor(src_y)
     fx, fy = (src_x - x0f)[..., None], (src_y - y0f)[..., None]
@@ -312,15 +324,11 @@ def sample_bilinear(image: jax.Array, src_x: jax.Array, src_y: jax.Array, fill) 
     x1, y1 = x0 + 1, y0 + 1
 
     def corner(xi, yi):
-        if isinstance(fill, str):
-            if fill == "reflect":
-                xc, yc = _reflect101(xi, w), _reflect101(yi, h)
-            else:  # edge
-                xc, yc = jnp.clip(xi, 0, w - 1), jnp.clip(yi, 0, h - 1)
-            return jnp.take(flat, yc * w + xc, axis=0).astype(jnp.float32)
-        inside = ((xi >= 0) & (xi < w) & (yi >= 0) & (yi < h))[..., None]
-        v = jnp.take(flat, jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1), axis=0)
-        return jnp.where(inside, v.astype(jnp.float32), fill)
+        if fill == "reflect":
+            xc, yc = _reflect101(xi, w), _reflect101(yi, h)
+        else:  # edge
+            xc, yc = jnp.clip(xi, 0, w - 1), jnp.clip(yi, 0, h - 1)
+        return jnp.take(flat, yc * w + xc, axis=0, mode="clip").astype(jnp.float32)
 
     top = corner(x0, y0) * (1 - fx) + corner(x1, y0) * fx
     bottom = corner(x0, y1) * (1 - fx) + corner(x1, y1) * fx
@@ -332,7 +340,12 @@ def _fill_value(fill, image):
         if fill == "border":
             return border_colour(image)
         return fill
-    return jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (image.shape[-1],))
+    if isinstance(fill, jax.Array):
+        return jnp.broadcast_to(fill, (image.shape[-1],))
+    values = np.broadcast_to(np.asarray(fill), (image.shape[-1],))
+    if np.all(values == np.round(values)) and np.all((values >= 0) & (values <= 255)):
+        return jnp.asarray(values.astype(np.uint8))
+    return jnp.asarray(values.astype(np.float32))
 
 
 def rotation_matrix(angle_deg, h: int, w: int) -> jax.Array:
