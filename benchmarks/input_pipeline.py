@@ -138,8 +138,9 @@ def main(argv=None) -> int:
 
     @jax.jit
     def step(rng, images):
-        x = augment.augment(rng, images, ops)
-        return preprocessing.normalize(x, spec).mean()  # stands in for the model
+        # The model's input, materialised (a reduction here would let XLA fuse the gathers
+        # into it, which is not what a train step does).
+        return preprocessing.normalize(augment.augment(rng, images, ops), spec)
 
     rng = jax.random.key(0)
     first = next(iter(input_pipeline.train_batches(cache, bs, mesh, seed=0, num_steps=1)))

@@ -314,8 +314,10 @@ def sample_bilinear(image: jax.Array, src_x: jax.Array, src_y: jax.Array, fill) 
         fill = jnp.asarray(fill)
         keep = image.dtype == jnp.uint8 and jnp.issubdtype(fill.dtype, jnp.integer)
         dtype = image.dtype if keep else jnp.float32
-        canvas = jnp.broadcast_to(fill.astype(dtype), (h + 2, w + 2, c))
-        canvas = canvas.at[1:-1, 1:-1].set(image.astype(dtype))
+        frame = np.ones((h + 2, w + 2, 1), bool)
+        frame[1:-1, 1:-1] = False  # static: a select, not a scatter, under vmap
+        padded = jnp.pad(image.astype(dtype), ((1, 1), (1, 1), (0, 0)))
+        canvas = jnp.where(frame, fill.astype(dtype), padded)
         return sample_bilinear(canvas, src_x + 1.0, src_y + 1.0, "edge")
     flat = image.reshape(h * w, c)
     x0f, y0f = jnp.floor(src_x), jnp.floor(src_y)

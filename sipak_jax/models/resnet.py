@@ -151,9 +151,10 @@ class Bottleneck(nnx.Module):
 def _max_pool_3x3_s2(x):
     """3x3 max pooling, stride 2, padding 1 (torch's MaxPool2d(3, 2, 1); Keras pads with zeros
     after a ReLU, which gives the same result because the input is non-negative)."""
-    init = jnp.array(-jnp.inf, dtype=x.dtype)
+    # A Python scalar init lets JAX recognise the max monoid (reduce_window_max, which has a
+    # gradient); an array init would select the generic, non-differentiable reduce_window.
     return jax.lax.reduce_window(
-        x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     )
 
 
