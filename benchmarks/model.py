@@ -11,9 +11,10 @@ training mode, state buffers donated); inference = eval-mode forward.
         [--modes=train,infer] [--size=224] [--steps=3] [--repeats=5] [--threads=N]
         [--xla_flags="--xla_cpu_use_onednn=true"] [--no_torch]
 
-``--quick``: batch 16, float32, 2 steps x 3 repeats. ``--xla_flags`` is appended to
-``XLA_FLAGS`` before JAX starts. bfloat16 runs JAX with ``dtype=jnp.bfloat16`` (float32
-parameters) and PyTorch under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+``--quick``: batch 16, float32, 2 steps x 3 repeats (flags given explicitly still win).
+``--xla_flags`` is appended to ``XLA_FLAGS`` before JAX starts. bfloat16 runs JAX with
+``dtype=jnp.bfloat16`` (float32 parameters) and PyTorch under
+``torch.autocast("cpu", dtype=torch.bfloat16)``.
 On a shared machine absolute figures drift; the ratios of one run are what to compare.
 Arithmetic: ResNet-50 at 224 costs 4.09 GMAC forward (~8.2 GFLOP), ~24.5 GFLOP per trained
 image; the printed GFLOP/s scale that to the resolution used.
@@ -36,18 +37,24 @@ FWD_GFLOP_224 = 8.18  # ResNet-50 forward at 224x224 (2 x 4.09 GMAC)
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--batch_sizes", default="16,64")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--batch_sizes", default=None, help="default 16,64 (--quick: 16)")
+    p.add_argument("--dtypes", default=None, help="default float32,bfloat16 (--quick: float32)")
     p.add_argument("--modes", default="train,infer")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="default 3 (--quick: 2)")
+    p.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--xla_flags", default="")
     p.add_argument("--no_torch", action="store_true")
     a = p.parse_args()
-    if a.quick:
-        a.batch_sizes, a.dtypes, a.steps, a.repeats = "16", "float32", 2, 3
+    defaults = (
+        {"batch_sizes": "16", "dtypes": "float32", "steps": 2, "repeats": 3}
+        if a.quick
+        else {"batch_sizes": "16,64", "dtypes": "float32,bfloat16", "steps": 3, "repeats": 5}
+    )
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     return a
 
 

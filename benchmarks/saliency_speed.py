@@ -76,7 +76,8 @@ def main():
         f"jax {jax.__version__} on {jax.devices()[0].platform}; ResNet-{args.depth} at "
         f"{args.size}, float32"
     )
-    model = ResNet(args.depth, 5, rngs=nnx.Rngs(0))
+    # Initialised under jit: eager initialisation of ResNet-50 is slow on a CPU.
+    model = nnx.jit(lambda: ResNet(args.depth, 5, rngs=nnx.Rngs(0)))()
     fns = saliency.ModelFunctions(model)
     rng = np.random.default_rng(0)
     xb = rng.normal(size=(args.cam_batch, args.size, args.size, 3)).astype(np.float32)

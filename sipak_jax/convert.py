@@ -249,12 +249,9 @@ def _torch_key(parts: list[str]) -> tuple[str, str]:
     for p in mod:
         names.append({"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(p, p))
     module = ".".join(names)
-    is_bn = re.search(r"(^|\.)(bn\d|downsample\.1)$", module) is not None
     if leaf == "kernel":
         return f"{module}.weight", ("linear" if module == "fc" else "conv")
     table = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-    if not is_bn and leaf == "bias":
-        return f"{module}.bias", "none"
     return f"{module}.{table[leaf]}", "none"
 
 
@@ -292,7 +289,6 @@ def to_model_state(source: str, tensors: Mapping[str, np.ndarray], model, path: 
     ConversionError listing every file tensor with no place, every model tensor the file
     lacks and every shape mismatch."""
     from sipak_jax import model_io
-    from sipak_jax.models.resnet import ResNet  # noqa: F401 - documents the expected model
 
     target = model_io.flatten(model_io.weights_state(model))
     keyfn = _torch_key if source == "torchvision" else _keras_key

@@ -643,10 +643,7 @@ def num_eval_steps(cache: Cache, global_batch_size: int) -> int:
 def _host_batch(cache: Cache, rows: np.ndarray, local: int) -> dict:
     n = len(rows)
     if n == local:
-        rows_sorted = rows
-        image = cache.image[rows_sorted]
-        label = cache.label[rows_sorted]
-        index = cache.index[rows_sorted]
+        image, label, index = cache.image[rows], cache.label[rows], cache.index[rows]
         mask = np.ones(local, bool)
     else:  # padded evaluation batch
         image = np.zeros((local, *cache.image.shape[1:]), np.uint8)

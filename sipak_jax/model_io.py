@@ -315,7 +315,11 @@ def save_model_dir(
         )
     meta = {"format": FORMAT, **dict(metadata)}
     meta.setdefault("kind", "converted")
-    meta["model"] = dict(meta.get("model") or model.config())
+    if meta.get("model") is not None and dict(meta["model"]) != model.config():
+        raise ValueError(
+            f"metadata 'model' {meta['model']} does not describe the model {model.config()}."
+        )
+    meta["model"] = model.config()
     os.makedirs(path, exist_ok=True)
     ckpt = os.path.join(path, CONVERTED_CHECKPOINT)
     if os.path.exists(ckpt):

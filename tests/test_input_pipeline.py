@@ -367,7 +367,6 @@ def test_abandoned_iterator_stops_its_thread(train_cache):
     assert threading.active_count() == before
 
 
-@pytest.mark.slow
 def test_two_jax_processes_each_read_their_share(dataset, tmp_path):
     """A real multi-process run (JAX distributed runtime, 2 processes x 2 CPU devices): each
     process decodes only its share; together the global batches hold what one process sees."""

@@ -93,6 +93,7 @@ def test_randomisation_sanity_decorrelates_ig(trained):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.slow
 def test_ig_completeness_reported_and_adaptive():
     from saliency_fixtures import images, tiny_model
 

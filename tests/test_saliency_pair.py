@@ -7,6 +7,7 @@ functions of our module (`ModelFunctions`); tolerances from shared/notes/salienc
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import saliency.core as pair  # PAIR's reference library (requirements-test.txt)
 from saliency_fixtures import (
     assert_close_to_reference,
     images,
@@ -16,8 +17,6 @@ from saliency_fixtures import (
 
 from sipak_jax import saliency
 from sipak_jax.saliency import gradients, imageops, integrated, occlusion, xrai
-
-pair = pytest.importorskip("saliency.core")
 
 
 @pytest.fixture(scope="module")
