@@ -52,6 +52,7 @@ def _call_model(fns, target, stage=4):
 
 
 def timed(fn, repeats):
+    print(".", end="", flush=True)
     fn()  # compile / warm up
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -108,7 +109,7 @@ def main():
     rows.append(
         (
             f"IG {args.ig_steps} steps",
-            f"ours (all steps in one jit, {args.ig_chunk} per call)",
+            f"ours (all steps in one jit, {args.ig_chunk} per model call)",
             args.ig_images / ours_ig_t,
         )
     )
@@ -131,12 +132,12 @@ def main():
         )
     )
 
-    print(f"{'method':<14} {'implementation':<46} {'maps/s':>9} {'ours/this':>9}")
+    print(f"{'method':<14} {'implementation':<50} {'maps/s':>9} {'ours/this':>9}")
     best = {}
     for meth, _impl, rate in rows:
         best.setdefault(meth, rate)
     for meth, impl, rate in rows:
-        print(f"{meth:<14} {impl:<46} {rate:9.3f} {best[meth] / rate:9.2f}x")
+        print(f"{meth:<14} {impl:<50} {rate:9.4f} {best[meth] / rate:9.2f}x")
 
 
 if __name__ == "__main__":

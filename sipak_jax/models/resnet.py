@@ -51,6 +51,28 @@ _VARIANT_SETTINGS = {
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+class PointwiseConv(nnx.Conv):
+    """A 1x1 convolution (optionally strided) computed as a matrix product over channels.
+
+    Same parameters as ``nnx.Conv`` (kernel [1, 1, in, out], optional bias) and the same
+    result: a stride-s 1x1 convolution without padding is the 1x1 convolution of
+    ``x[:, ::s, ::s]``. Written as ``dot_general`` its gradients are matrix products too;
+    XLA:CPU's kernel gradient of a 1x1 ``conv_general_dilated`` was about 7x slower than the
+    equivalent matmul here (ResNet-50 has 36 such convolutions).
+    """
+
+    def __call__(self, x):
+        sh, sw = self.strides
+        if sh > 1 or sw > 1:
+            x = x[:, ::sh, ::sw, :]
+        dtype = self.dtype or x.dtype
+        kernel = self.kernel[...].astype(dtype)[0, 0]
+        y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
 class _Layers:
     """Builds the convolutions and BatchNorms of one model with shared settings."""
 
@@ -63,7 +85,8 @@ class _Layers:
 
     def conv(self, cin, cout, kernel, stride=1):
         pad = (kernel - 1) // 2  # symmetric, as both Keras (ZeroPadding/SAME at stride 1) and torch
-        return nnx.Conv(
+        cls = PointwiseConv if kernel == 1 else nnx.Conv
+        return cls(
             cin,
             cout,
             kernel_size=(kernel, kernel),
