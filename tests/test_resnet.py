@@ -186,3 +186,29 @@ def test_headless_model_returns_pooled_features():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _tiny(**kwargs)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_equals_a_real_1x1_convolution(stride):
+    """The matmul form of 1x1 convolutions against lax.conv_general_dilated, values and
+    gradients, odd sizes included (a stride-2 conv keeps ceil(H/2) rows)."""
+    from sipak_jax.models.resnet import PointwiseConv
+
+    conv = PointwiseConv(6, 4, (1, 1), strides=stride, padding="VALID", rngs=nnx.Rngs(0))
+    conv.bias[...] = jnp.arange(4.0)
+    x = jax.random.normal(jax.random.key(5), (2, 7, 9, 6))
+    kernel, bias = conv.kernel[...], conv.bias[...]
+
+    def ref(x, kernel, bias):
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(jnp.sin(y + bias))
+
+    ours = lambda conv, x: jnp.sum(jnp.sin(conv(x)))
+    np.testing.assert_allclose(ours(conv, x), ref(x, kernel, bias), rtol=1e-5)
+    gx, gk, gb = jax.grad(ref, argnums=(0, 1, 2))(x, kernel, bias)
+    np.testing.assert_allclose(jax.grad(ours, argnums=1)(conv, x), gx, rtol=1e-4, atol=1e-5)
+    grads = nnx.grad(ours)(conv, x)
+    np.testing.assert_allclose(grads["kernel"][...], gk, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["bias"][...], gb, rtol=1e-4, atol=1e-5)

@@ -62,7 +62,7 @@ class PointwiseConv(nnx.Conv):
     """
 
     def __call__(self, x):
-        sh, sw = self.strides
+        sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
         if sh > 1 or sw > 1:
             x = x[:, ::sh, ::sw, :]
         dtype = self.dtype or x.dtype

@@ -186,9 +186,3 @@ def as_functions(model_or_fns) -> ModelFunctions:
     if isinstance(model_or_fns, ModelFunctions):
         return model_or_fns
     return ModelFunctions(model_or_fns)
-
-
-def chunked_map(fn, xs, batch_size):
-    """`fn` over the leading axis of (a pytree of) `xs`, `batch_size` items per vectorised call
-    (`jax.lax.map(..., batch_size=)`): bounds memory inside one jit."""
-    return jax.lax.map(fn, xs, batch_size=batch_size)

@@ -160,7 +160,9 @@ def _ig_pure(fns, state, x, baseline, target, *, alphas, weights, score, batch_s
         g = g.reshape((per_call,) + x.shape)
         return acc + jnp.tensordot(cw, g, axes=1), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros_like(x), (jnp.asarray(a), jnp.asarray(w)))
+    total, _ = jax.lax.scan(
+        body, jnp.zeros_like(x), (jnp.asarray(a), jnp.asarray(w)), unroll=_unroll(n_chunks)
+    )
     attr = total * diff
     f_x = fns.score_pure(state, x, target, score)
     f_b = fns.score_pure(state, baseline, target, score)
@@ -263,5 +265,16 @@ def _blur_ig_pure(fns, state, x, target, mats, *, score, batch_size, dsig):
         g = g.reshape((per_call,) + x.shape)
         return acc + jnp.tensordot(cw, ggrad * g, axes=1), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros_like(x), (jnp.asarray(idx), jnp.asarray(wts)))
+    total, _ = jax.lax.scan(
+        body, jnp.zeros_like(x), (jnp.asarray(idx), jnp.asarray(wts)), unroll=_unroll(n_chunks)
+    )
     return -total
+
+
+# XLA:CPU ran the model about 2x slower inside a while loop than unrolled (ResNet-18 at 112,
+# IG 64 steps in 4 chunks): unroll short loops, keep long ones (adaptive IG) rolled.
+MAX_UNROLL = 8
+
+
+def _unroll(n_chunks: int) -> int | bool:
+    return True if n_chunks <= MAX_UNROLL else 1
