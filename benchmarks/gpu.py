@@ -68,6 +68,9 @@ def main():
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--workdir", default=None)
+    p.add_argument(
+        "--overlay_cells", type=int, default=0, help="Grad-CAM overlays per epoch (compiles more)"
+    )
     args = p.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_gpu_")
@@ -98,7 +101,7 @@ def main():
     config.profile_steps = 0
     config.report = False
     config.shortcuts = False
-    config.num_overlay_cells = 8
+    config.num_overlay_cells = args.overlay_cells
 
     t0 = time.perf_counter()
     results = train.train_one_fold(config, os.path.join(workdir, "run"), 0)
@@ -131,6 +134,8 @@ def main():
         "synthetic_generation_s": round(gen_s, 1),
         "run_wall_s": round(wall, 1),
         "test_accuracy": results["test"]["accuracy"],
+        "tensorflow_imported": "tensorflow" in sys.modules,
+        "tfds_imported": "tensorflow_datasets" in sys.modules,
     }
     print("\nGPU training benchmark")
     for k, v in summary.items():
