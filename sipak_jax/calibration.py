@@ -174,8 +174,19 @@ def calibration_summary(
     brier, accuracy.
     """
     t = fit_temperature(val_logits, val_labels)
+    note = "fitted: NLL minimum inside the bounds"
+    if t <= T_MIN:
+        # Perfectly separated validation logits: the NLL keeps falling as T -> 0, so the "fit"
+        # would only sharpen every probability towards 0/1. Nothing is learnt about
+        # calibration from such a split: keep the model's own probabilities.
+        t = 1.0
+        note = (
+            f"not fitted: the validation split is perfectly separated (the NLL falls towards "
+            f"T={T_MIN}, the lower bound); T kept at 1"
+        )
     return {
         "temperature": t,
+        "temperature_fit": note,
         "fitted_on": "validation",
         "n_bins": n_bins,
         "ece_convention": "top-label, equal-width bins over (0, 1]",

@@ -177,3 +177,16 @@ def test_reliability_diagram_png(tmp_path):
         assert (np.abs(rgb - color).sum(axis=2) < 30).sum() > 100
     with pytest.raises(ValueError, match="at least one curve"):
         cal.reliability_diagram({}, labels)
+
+
+def test_summary_keeps_t_at_one_when_validation_is_perfectly_separated():
+    # Every validation example right with a margin: the NLL decreases monotonically as T -> 0.
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 5
+    logits = rng.normal(size=(40, 5))
+    logits[np.arange(40), labels] += 10.0
+    assert cal.fit_temperature(logits, labels) == cal.T_MIN
+    summary = cal.calibration_summary(logits, labels, logits, labels)
+    assert summary["temperature"] == 1.0
+    assert summary["temperature_fit"].startswith("not fitted")
+    assert summary["test"]["after"] == summary["test"]["before"]
