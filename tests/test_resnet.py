@@ -152,7 +152,7 @@ def test_batchnorm_momentum_matches_torch_running_mean_update():
     model(jnp.asarray(x))
     bn = torch.nn.BatchNorm2d(8)  # momentum 0.1, torchvision's default
     bn.train()
-    bn(torch.from_numpy(np.asarray(conv_out)).permute(0, 3, 1, 2))
+    bn(torch.from_numpy(np.array(conv_out)).permute(0, 3, 1, 2))
     np.testing.assert_allclose(model.bn1.mean[...], bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
 
 
