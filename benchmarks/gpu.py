@@ -30,13 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CLASS_NAMES = (
-    "Dyskeratotic",
-    "Koilocytotic",
-    "Metaplastic",
-    "Parabasal",
-    "Superficial-Intermediate",
-)
+from sipak_jax.classes import CLASS_NAMES  # noqa: E402 - needs the path above
 
 
 def _write_class(args):
