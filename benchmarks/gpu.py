@@ -16,7 +16,7 @@ the speed; no head-only phase, so one compiled step) and prints:
   validation and checkpoints excluded) and per device;
 - the share of the training time spent waiting for the input pipeline;
 - compile time, validation + checkpoint time per epoch, peak device memory.
-Reference figures: ../shared/notes/performance.md (A100 PyTorch AMP+DALI: about 2,470 img/s;
+Reference figures (published): (A100 PyTorch AMP+DALI: about 2,470 img/s;
 H100 MLPerf: 7,162 img/s).
 """
 

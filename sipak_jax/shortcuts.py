@@ -1,7 +1,7 @@
 """Shortcut controls: how far crop size alone, or colour alone, predicts the SIPaKMeD class.
 
 SIPaKMeD's classes were imaged separately, so the slide background and the crop size differ
-by class (../shared/notes/sipakmed.md: crop size alone reached about 62% on a grouped sample).
+by class (crop size alone reached about 62% on a grouped sample of the real data).
 A CNN can learn those instead of the cell's morphology. These controls train small classifiers
 on the *same* folds as the CNN and score them on the same test fold with the same metrics
 (`sipak_jax.metrics.classification_metrics`), so the report can set them beside the CNN:
