@@ -311,23 +311,13 @@ def to_model_state(source: str, tensors: Mapping[str, np.ndarray], model, path: 
         f"{k} {tuple(np.shape(tensors[k]))}" for k in tensors if k not in used and k not in dropped
     ]
     if missing or unmatched or misshaped:
-        parts = []
-        if unmatched:
-            parts.append(
-                f"{len(unmatched)} tensors of the file with no place in the model:\n  "
-                + "\n  ".join(unmatched)
-            )
-        if missing:
-            parts.append(
-                f"{len(missing)} tensors the model needs, missing from the file:\n  "
-                + "\n  ".join(missing)
-            )
-        if misshaped:
-            parts.append(
-                f"{len(misshaped)} tensors with the wrong shape:\n  " + "\n  ".join(misshaped)
-            )
         raise ConversionError(
-            f"{path} does not convert one to one into ResNet {model.config()}:\n" + "\n".join(parts)
+            f"{path} does not convert one to one into ResNet {model.config()}:\n"
+            + model_io.mismatch_listing(
+                ("tensors of the file with no place in the model", unmatched),
+                ("tensors the model needs, missing from the file", missing),
+                ("tensors with the wrong shape", misshaped),
+            )
         )
     return out
 

@@ -133,24 +133,23 @@ def _check_fit(
         if p not in target and not skip(p) and not _is_rng_path(p)
     ]
     if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} model tensors not in the {what}:\n  " + "\n  ".join(missing)
-            )
-        if unexpected:
-            parts.append(
-                f"{len(unexpected)} {what} tensors with no place in the model:\n  "
-                + "\n  ".join(unexpected)
-            )
-        if misshaped:
-            parts.append(
-                f"{len(misshaped)} tensors with the wrong shape:\n  " + "\n  ".join(misshaped)
-            )
         raise WeightMismatchError(
-            f"The {what} does not fit the model ({model_desc}):\n" + "\n".join(parts)
+            f"The {what} does not fit the model ({model_desc}):\n"
+            + mismatch_listing(
+                (f"model tensors not in the {what}", missing),
+                (f"{what} tensors with no place in the model", unexpected),
+                ("tensors with the wrong shape", misshaped),
+            )
         )
     return new_values
+
+
+def mismatch_listing(*sections: tuple[str, list[str]]) -> str:
+    """'N <title>:' followed by the indented items, for each non-empty (title, items): the body
+    of every strict-merge error (here and in `sipak_jax.convert`)."""
+    return "\n".join(
+        f"{len(items)} {title}:\n  " + "\n  ".join(items) for title, items in sections if items
+    )
 
 
 def _skipper(dont_load: Iterable[str]):
