@@ -13,3 +13,30 @@ try:  # noqa: SIM105 - the reference frameworks are test-only and optional for `
     import torchvision  # noqa: F401
 except ImportError:
     pass
+
+import pytest  # noqa: E402 - after torchvision, on purpose
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Path of an installed Chromium ($CHROMIUM, else chromium / chromium-browser /
+    google-chrome on PATH). None: the test is skipped with how to get one, or fails when
+    SIPAK_REQUIRE_BROWSER=1 (`.ci/run`). Session scope: resolved before any module fixture, so
+    a skipped browser test builds nothing."""
+    from tests.browser import chromium_or_skip
+
+    return chromium_or_skip()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Each test module compiles its own tiny models; dropping JAX's caches after the module
+    keeps the suite's memory flat instead of growing with every compiled function."""
+    yield
+    import sys
+
+    if "jax" in sys.modules:
+        import gc
+
+        sys.modules["jax"].clear_caches()
+        gc.collect()

@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sipak_jax.classes import CLASS_NAMES  # noqa: E402 - needs the path above
+from tfds_sipakmed.taxonomy import SIPAKMED  # noqa: E402 - needs the path above
 
 
 def _write_class(args):
@@ -48,8 +48,8 @@ def write_synthetic_parallel(out_dir: str, cells_per_class: int) -> float:
     t0 = time.perf_counter()
     partial = out_dir + ".partial"
     os.makedirs(partial, exist_ok=True)
-    with multiprocessing.get_context("spawn").Pool(len(CLASS_NAMES)) as pool:
-        pool.map(_write_class, [(partial, cells_per_class, c) for c in CLASS_NAMES])
+    with multiprocessing.get_context("spawn").Pool(SIPAKMED.num_classes) as pool:
+        pool.map(_write_class, [(partial, cells_per_class, c) for c in SIPAKMED.class_names])
     os.replace(partial, out_dir)
     return time.perf_counter() - t0
 
@@ -93,8 +93,7 @@ def main():
     config.log_every_steps = 10
     config.writer = "jsonl"
     config.profile_steps = 0
-    config.report = False
-    config.shortcuts = False
+    config.evaluators = ("test",)  # no calibration, shortcuts, overlays or report
     config.num_overlay_cells = args.overlay_cells
 
     t0 = time.perf_counter()
@@ -116,7 +115,7 @@ def main():
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
-        "cells": args.cells_per_class * len(CLASS_NAMES),
+        "cells": args.cells_per_class * SIPAKMED.num_classes,
         "train_examples_per_epoch": steps // max(len(epochs), 1) * args.batch_size,
         "images_per_s": round(images_per_s, 1),
         "images_per_s_per_device": round(images_per_s / n_dev, 1),

@@ -3,16 +3,17 @@
 Builds (or reuses) a synthetic SIPaKMeD of about 4,000 cells through the real TFDS builder,
 fills the uint8 cache, then measures side by side, after warm-up, median of `--repeats`:
 
-  host      numpy batches gathered from the cache (no device transfer)
-  device    `train_batches`: global jax.Arrays on the device (prefetch thread, queue of 2)
+  host      numpy batches gathered from the cache (`train_dataset`, no device transfer)
+  device    `train_batches`: global jax.Arrays on the device (grain pipeline, prefetch 2)
   augmented `train_batches` + the jitted augmentation (`--augment`) and normalisation of
             every batch, blocked until ready: the figure the trainer sees
   reference decode + resize of every example at every step (what a loader without the
             cache does), for the ratio
 
 and the one-off costs: writing the synthetic data, building the TFDS dataset (TensorFlow, in a
-subprocess), filling the cache from the array_record files (decode + resize), writing the
-disk cache, and loading it back.
+subprocess), filling the cache from the array_record files (decode + resize; grain map over
+worker threads), and the same decode + resize through a plain ThreadPoolExecutor, for the
+ratio.
 
     python benchmarks/input_pipeline.py --work_dir=/tmp/sipak_bench [--cells_per_class=810]
         [--batch_size=256] [--image_size=224] [--steps=20] [--repeats=5]
@@ -25,6 +26,7 @@ Absolute figures on a shared machine are noisy; compare the ratios printed in on
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import statistics
 import subprocess
@@ -37,7 +39,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sipak_jax import augment, input_pipeline, preprocessing  # noqa: E402
+from sipak_jax import augment, distributed, input_pipeline, preprocessing  # noqa: E402
 
 SPLITS = tuple(f"fold{i}" for i in range(5))
 
@@ -81,7 +83,6 @@ def main(argv=None) -> int:
 
     manual = os.path.join(a.work_dir, f"manual_{a.cells_per_class}")
     data = os.path.join(a.work_dir, f"data_{a.cells_per_class}")
-    cache_dir = os.path.join(a.work_dir, "cache")
     print(
         f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} CPU cores, "
         f"batch {a.batch_size}, {a.image_size}x{a.image_size}, resize {a.resize}, ops {ops}"
@@ -119,19 +120,18 @@ def main(argv=None) -> int:
     src = {"manual_dir": manual} if a.manual_only else {}
     data_dir = None if a.manual_only else data
     quiet = lambda s: None  # noqa: E731
-    load = lambda cd: input_pipeline.load_splits(  # noqa: E731
-        data_dir, "grouped", SPLITS, a.image_size, a.resize, cd, log=quiet, **src
+    load = lambda: input_pipeline.load_splits(  # noqa: E731
+        data_dir, "grouped", SPLITS, a.image_size, a.resize, log=quiet, **src
     )
-    cache, fill_s = _timed("fill cache: read + decode + resize (memory)", lambda: load(None))
+    cache, fill_s = _timed("fill cache: read + decode + resize (grain)", load)
     n = len(cache)
     print(f"  {n} cells, {cache.image.nbytes / 2**20:.0f} MiB uint8 ({n / fill_s:.0f} cells/s)")
-    for f in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
-        if f.startswith(f"sipakmed_{a.image_size}_{a.resize}_"):
-            os.remove(os.path.join(cache_dir, f))  # our own cache files only
-    _timed("fill cache + write disk cache (.npz)", lambda: load(cache_dir))
-    _timed("load disk cache (warm start)", lambda: load(cache_dir))
+    reference_source = input_pipeline.open_source(
+        data_dir, src.get("manual_dir"), "grouped", SPLITS, log=quiet
+    )
+    _timed("same decode + resize, ThreadPoolExecutor", lambda: _pool_fill(reference_source, a))
 
-    mesh = input_pipeline.make_mesh()
+    mesh = distributed.make_mesh()
     bs = a.batch_size
     spe = input_pipeline.steps_per_epoch(cache, bs)
     spec = preprocessing.spec_for("torchvision", a.image_size, a.resize)
@@ -148,10 +148,11 @@ def main(argv=None) -> int:
     step(rng, first["image"]).block_until_ready()
     print(f"  compile augment+normalize                    {time.perf_counter() - t0:8.2f} s")
 
+    host_batches = input_pipeline.train_dataset(cache, bs, seed=0)  # grain MapDataset
+
     def host(steps):
         for s in range(steps):
-            rows = input_pipeline.train_rows(cache, bs, 0, s)
-            cache.image[rows], cache.label[rows]
+            host_batches[s]
 
     def device(steps):
         with input_pipeline.train_batches(cache, bs, mesh, seed=0, num_steps=steps) as it:
@@ -171,21 +172,12 @@ def main(argv=None) -> int:
             out = step(jax.random.fold_in(rng, i), first["image"])
         out.block_until_ready()
 
-    reference_source = (
-        input_pipeline._ManualSource(manual, "grouped", quiet)
-        if a.manual_only
-        else input_pipeline._TfdsSource(data, "grouped")
-    )
-    keys = input_pipeline._collect_keys(reference_source, SPLITS)
-
     def reference(steps):
         for s in range(steps):
             rows = input_pipeline.train_rows(cache, bs, 0, s)
             np.stack(
                 [
-                    preprocessing.resize_crop(
-                        reference_source.load(keys[r])["image"], a.image_size, a.resize
-                    )
+                    preprocessing.resize_crop(reference_source[r]["image"], a.image_size, a.resize)
                     for r in rows
                 ]
             )
@@ -216,6 +208,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _pool_fill(source, a):
+    """The cache's decode + resize through a plain thread pool (the pre-grain way)."""
+    threads = min(8, os.cpu_count() or 1)
+    image = np.zeros((len(source), a.image_size, a.image_size, 3), np.uint8)
+
+    def work(i):
+        crop = source[i]["image"]
+        image[i] = preprocessing.resize_crop(crop, a.image_size, a.resize)
+        crop.reshape(-1, 3).mean(0), preprocessing.border_colour(crop)
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(len(source))))
+    return image
+
+
 def _write_one_class(args):
     from tfds_sipakmed.synthetic import write_synthetic
 
@@ -227,9 +234,9 @@ def _write_synthetic(out_dir, cells_per_class, processes):
     """The same files as write_synthetic(out_dir, n, seed=0): each class has its own seed."""
     import multiprocessing
 
-    from sipak_jax.classes import CLASS_NAMES
+    from tfds_sipakmed.taxonomy import SIPAKMED
 
-    jobs = [(out_dir, cells_per_class, c) for c in CLASS_NAMES]
+    jobs = [(out_dir, cells_per_class, c) for c in SIPAKMED.class_names]
     if processes <= 1:
         return [_write_one_class(j) for j in jobs]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:

@@ -1,23 +1,32 @@
-"""Benchmark: ResNet-50 train-step and inference images/s, Flax (ours) beside PyTorch.
+"""Benchmark: ResNet training step / inference, Flax (ours) beside torchvision, as a time ratio.
 
-The same network (torchvision ``resnet50``, channels_last, and our ``ResNet(50, 1000,
-variant="v1.5")``), batch and resolution, measured in one process, alternating: for each
-setting, ``--repeats`` rounds of ``--steps`` steps of ours then ``--steps`` of PyTorch, after
-a warm-up; the median of each side and their ratio are printed (ratio > 1: ours is faster).
-Compilation is timed apart. Training = forward + backward + SGD-momentum update (BatchNorm in
+The same network (torchvision ``resnet18/34/50``, channels_last, and our ``ResNet(depth,
+1000, variant="v1.5")``), batch, resolution and optimizer (AdamW), measured in one process,
+alternating: after a warm-up, ``--repeats`` rounds of ``--steps`` steps of each contender in
+turn; the median milliseconds per step of each and the ratio ours / PyTorch are printed
+(time ratio: 1.0 = as fast, 1.5 = half as fast again as PyTorch; lower is better).
+Compilation is timed apart. Training = forward + backward + AdamW update (BatchNorm in
 training mode, state buffers donated); inference = eval-mode forward.
 
-    python benchmarks/model.py [--quick] [--batch_sizes=16,64] [--dtypes=float32,bfloat16]
-        [--modes=train,infer] [--size=224] [--steps=3] [--repeats=5] [--threads=N]
-        [--xla_flags="--xla_cpu_use_onednn=true"] [--no_torch]
+    python benchmarks/model.py [--depth=18] [--image_size=64] [--batch_sizes=32]
+        [--dtypes=float32] [--modes=train] [--steps=3] [--repeats=5]
+        [--torch_threads=2,1] [--conv=auto,xla] [--xla_flags="--xla_cpu_use_onednn=true"]
+        [--no_torch]
 
-``--quick``: batch 16, float32, 2 steps x 3 repeats (flags given explicitly still win).
-``--xla_flags`` is appended to ``XLA_FLAGS`` before JAX starts. bfloat16 runs JAX with
-``dtype=jnp.bfloat16`` (float32 parameters) and PyTorch under
+``--conv``: the convolution formulations of ours to measure side by side: ``auto`` (what the
+model uses: ``sipak_jax.models.conv`` picks matrix products for small maps) and/or ``xla``
+(every convolution but the 1x1 ones through ``lax.conv_general_dilated``).
+``--torch_threads``: PyTorch is measured once per thread count given (``torch/2t``, ...);
+the ratio is taken against the fastest. On a loaded machine OpenMP with 2 threads can be
+several times slower than with 1 (its threads wait for each other at every barrier), which
+would flatter ours: give ``--torch_threads=2,1`` there, or pin the whole run to one core
+(``taskset -c 1 ... --torch_threads=1``) to compare single-core speed.
+``--xla_flags`` is appended to ``XLA_FLAGS`` before JAX starts (importing
+``sipak_jax.models`` adds ``xla_cpu.EIGEN_CONVOLUTIONS_FLAG``; the header shows the result).
+bfloat16 runs JAX with ``dtype=jnp.bfloat16`` (float32 parameters) and PyTorch under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``.
-On a shared machine absolute figures drift; the ratios of one run are what to compare.
-Arithmetic: ResNet-50 at 224 costs 4.09 GMAC forward (~8.2 GFLOP), ~24.5 GFLOP per trained
-image; the printed GFLOP/s scale that to the resolution used.
+On a shared machine absolute figures drift; the ratios of one run are what to compare; the
+load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -31,30 +40,28 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-FWD_GFLOP_224 = 8.18  # ResNet-50 forward at 224x224 (2 x 4.09 GMAC)
+# Forward GFLOP at 224x224 (2 x GMAC); training costs about 3x the forward pass.
+FWD_GFLOP_224 = {18: 3.64, 34: 7.34, 50: 8.18}
+LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-4
 
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--batch_sizes", default=None, help="default 16,64 (--quick: 16)")
-    p.add_argument("--dtypes", default=None, help="default float32,bfloat16 (--quick: float32)")
+    p.add_argument("--depth", type=int, default=50, choices=sorted(FWD_GFLOP_224))
+    p.add_argument("--image_size", "--size", type=int, default=224)
+    p.add_argument("--batch_sizes", default="32")
+    p.add_argument("--dtypes", default="float32")
     p.add_argument("--modes", default="train,infer")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=None, help="default 3 (--quick: 2)")
-    p.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--torch_threads", default=str(os.cpu_count()), help="comma-separated")
+    p.add_argument("--conv", default="auto", help="comma-separated: auto, xla")
     p.add_argument("--xla_flags", default="")
     p.add_argument("--no_torch", action="store_true")
     a = p.parse_args()
-    defaults = (
-        {"batch_sizes": "16", "dtypes": "float32", "steps": 2, "repeats": 3}
-        if a.quick
-        else {"batch_sizes": "16,64", "dtypes": "float32,bfloat16", "steps": 3, "repeats": 5}
-    )
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
+    for c in a.conv.split(","):
+        if c not in ("auto", "xla"):
+            p.error(f"--conv: unknown formulation {c!r} (auto, xla)")
     return a
 
 
@@ -71,33 +78,43 @@ from flax import nnx  # noqa: E402
 from sipak_jax.models import ResNet  # noqa: E402
 
 
-def flax_steps(batch, dtype, mode):
-    """(compile seconds, run(n) -> seconds for n steps)."""
-    model = ResNet(50, 1000, dtype=dtype, rngs=nnx.Rngs(0))
+def _inputs(batch):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch, ARGS.size, ARGS.size, 3)).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
-    if mode == "infer":
-        model.eval()
-        graphdef, state = nnx.split(model)
-        fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    x = rng.normal(size=(batch, ARGS.image_size, ARGS.image_size, 3)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t
+
+
+def flax_infer(batch, dtype):
+    model = ResNet(ARGS.depth, 1000, dtype=dtype, rngs=nnx.Rngs(0))
+    x, _ = _inputs(batch)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    compile_s = _timed(fwd, state, x)
+
+    def run(n):
         t = time.perf_counter()
-        jax.block_until_ready(fwd(state, x))
-        compile_s = time.perf_counter() - t
+        for _ in range(n):
+            out = fwd(state, x)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t
 
-        def run(n):
-            t = time.perf_counter()
-            for _ in range(n):
-                out = fwd(state, x)
-            jax.block_until_ready(out)
-            return time.perf_counter() - t
+    return compile_s, run
 
-        return compile_s, run
 
+def flax_train(batch, dtype):
+    """(compile seconds, run(n) -> seconds for n steps) of the jitted AdamW training step."""
+    model = ResNet(ARGS.depth, 1000, dtype=dtype, rngs=nnx.Rngs(0))
+    x, y = _inputs(batch)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.sgd(0.1, momentum=0.9)
-    opt_state = tx.init(params)
+    tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
     def step(params, rest, opt_state, x, y):
         def loss_fn(p):
@@ -113,11 +130,11 @@ def flax_steps(batch, dtype, mode):
         return optax.apply_updates(params, updates), new_rest, opt_state, loss
 
     step = jax.jit(step, donate_argnums=(0, 1, 2))
-    state = [params, rest, opt_state]
+    state = [params, rest, tx.init(params)]
     t = time.perf_counter()
     out = step(*state, x, y)
     jax.block_until_ready(out)
-    state = list(out[:3])
+    state[:] = out[:3]
     compile_s = time.perf_counter() - t
 
     def run(n):
@@ -131,15 +148,35 @@ def flax_steps(batch, dtype, mode):
     return compile_s, run
 
 
-def torch_steps(batch, dtype, mode):
+def flax_steps(batch, dtype, mode, formulation):
+    """Builds and compiles ours with the convolution formulation ``formulation``."""
+    build = flax_train if mode == "train" else flax_infer
+    if formulation == "auto":
+        return build(batch, dtype)
+    from sipak_jax.models import conv
+
+    saved = conv.PATCHES_MAX_OUTPUT_POSITIONS
+    conv.PATCHES_MAX_OUTPUT_POSITIONS = 0  # read when the step is traced (compiled here)
+    try:
+        return build(batch, dtype)
+    finally:
+        conv.PATCHES_MAX_OUTPUT_POSITIONS = saved
+
+
+def torch_steps(batch, dtype, mode, threads):
     import torch
     import torchvision
 
-    torch.set_num_threads(ARGS.threads)
-    model = torchvision.models.resnet50().to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, ARGS.size, ARGS.size).to(memory_format=torch.channels_last)
+    torch.set_num_threads(threads)
+    model = getattr(torchvision.models, f"resnet{ARGS.depth}")()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, ARGS.image_size, ARGS.image_size)
+    x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,))
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
     if mode == "infer":
         model.eval()
 
@@ -149,7 +186,7 @@ def torch_steps(batch, dtype, mode):
 
     else:
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
         def one():
             opt.zero_grad(set_to_none=True)
@@ -163,6 +200,7 @@ def torch_steps(batch, dtype, mode):
     warm = time.perf_counter() - t
 
     def run(n):
+        torch.set_num_threads(threads)
         t = time.perf_counter()
         for _ in range(n):
             one()
@@ -171,39 +209,58 @@ def torch_steps(batch, dtype, mode):
     return warm, run
 
 
+def measure(batch, dtype_name, mode):
+    """{name: (compile seconds, [seconds per step of each repeat])}, contenders alternating."""
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+    runs = {}
+    for formulation in ARGS.conv.split(","):
+        runs[f"flax/{formulation}"] = flax_steps(batch, dtype, mode, formulation)
+    if not ARGS.no_torch:
+        for threads in map(int, ARGS.torch_threads.split(",")):
+            runs[f"torch/{threads}t"] = torch_steps(batch, dtype_name, mode, threads)
+    for _, run in runs.values():
+        run(1)  # second warm-up step (allocators, oneDNN primitive cache)
+    times = {name: [] for name in runs}
+    for _ in range(ARGS.repeats):
+        for name, (_, run) in runs.items():
+            times[name].append(run(ARGS.steps) / ARGS.steps)
+    return {name: (runs[name][0], times[name]) for name in runs}
+
+
+def _rows(batch, dtype_name, mode, results):
+    gflop = FWD_GFLOP_224[ARGS.depth] * (ARGS.image_size / 224) ** 2 * (3 if mode == "train" else 1)
+    torch_medians = [statistics.median(t) for n, (_, t) in results.items() if n.startswith("torch")]
+    ref = min(torch_medians, default=float("nan"))
+    rows = []
+    for name, (compile_s, times) in results.items():
+        s = statistics.median(times)
+        row = (
+            f"resnet{ARGS.depth} {ARGS.image_size}px {mode:5s} {dtype_name:8s} batch {batch:3d} "
+            f"{name:10s}: {1000 * s:8.1f} ms/step [{1000 * min(times):.0f}-{1000 * max(times):.0f}]"
+            f" {batch / s:7.2f} img/s {batch * gflop / s:6.1f} GFLOP/s"
+        )
+        if not name.startswith("torch"):
+            row += f" compile {compile_s:5.1f} s | time ratio ours/torch {s / ref:5.2f}x"
+        rows.append(row)
+    return rows
+
+
 def main():
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs), "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, size {ARGS.size}, "
-        f"{ARGS.steps} steps x {ARGS.repeats} repeats, median"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {ARGS.steps} steps x "
+        f"{ARGS.repeats} repeats, median [min-max]; load average {os.getloadavg()}",
+        flush=True,
     )
-    scale = (ARGS.size / 224) ** 2
     rows = []
     for mode in ARGS.modes.split(","):
-        gflop = FWD_GFLOP_224 * scale * (3 if mode == "train" else 1)
         for dtype_name in ARGS.dtypes.split(","):
-            dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
             for batch in map(int, ARGS.batch_sizes.split(",")):
-                compile_s, ours = flax_steps(batch, dtype, mode)
-                theirs = None
-                if not ARGS.no_torch:
-                    _, theirs = torch_steps(batch, dtype_name, mode)
-                    theirs(1)  # second warm-up step (allocator, oneDNN primitive cache)
-                ours(1)
-                a, b = [], []
-                for _ in range(ARGS.repeats):
-                    a.append(batch * ARGS.steps / ours(ARGS.steps))
-                    if theirs:
-                        b.append(batch * ARGS.steps / theirs(ARGS.steps))
-                ips = statistics.median(a)
-                ref = statistics.median(b) if b else float("nan")
-                row = (
-                    f"{mode:5s} {dtype_name:8s} batch {batch:3d}: flax {ips:7.2f} img/s "
-                    f"({1000 * batch / ips:7.0f} ms/step, {ips * gflop:6.1f} GFLOP/s, compile "
-                    f"{compile_s:5.1f} s) | torch {ref:7.2f} img/s | ratio {ips / ref:5.2f}x"
-                )
-                print(row, flush=True)
-                rows.append(row)
+                results = measure(batch, dtype_name, mode)
+                for row in _rows(batch, dtype_name, mode, results):
+                    print(row, flush=True)
+                    rows.append(row)
+    print(f"load average after: {os.getloadavg()}", flush=True)
     return rows
 
 

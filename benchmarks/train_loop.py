@@ -4,8 +4,9 @@
         [--width=16] [--cells_per_class=60] [--repeats=3]
 
 Runs `train.train_one_fold` on a synthetic SIPaKMeD read TF-free (the demo's small ResNet
-unless told otherwise), then, in the same process, the same jitted update step alone on one
-batch already on the device, and prints side by side (both after compilation):
+unless told otherwise), then, in the same process, the trainer's own jitted update step
+(`train_setup.setup(...).full_step`) alone on one batch already on the device, and prints side
+by side (both after compilation):
 
 - bare step: steps/s of the jitted step called back to back (median of `--repeats`);
 - loop, training only: steps/s between epoch starts and epoch-end metric reads (input
@@ -52,55 +53,23 @@ def bench_config(args, data_root):
     config.num_epochs = args.epochs
     config.log_every_steps = 10
     config.writer = "jsonl"
-    config.report = False
-    config.shortcuts = False
-    config.calibrate = False
+    config.evaluators = ()  # the loop only: no test fold, calibration or report
     config.num_overlay_cells = 0
     return config
 
 
-def bare_step_rate(config, data, steps: int, repeats: int) -> float:
-    """Steps/s of the jitted update alone, on one device-resident batch."""
+def bare_step_rate(run, steps: int, repeats: int) -> float:
+    """Steps/s of the trainer's own jitted update alone, on one device-resident batch."""
     import jax
-    import numpy as np
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from sipak_jax import preprocessing, train
-
-    mesh = data.mesh
-    rep = NamedSharding(mesh, P())
-    model = train.create_model(config, 5, seed=0)
-    graphdef, params, stats, *rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-    tx, _ = train.make_optimizer(config, data.steps_per_epoch)
-    params = train._replicate(params, mesh)
-    state = train.TrainState(
-        step=train._replicate(np.int32(0), mesh),
-        params=params,
-        batch_stats=train._replicate(stats, mesh),
-        opt_state=jax.jit(tx.init, out_shardings=rep)(params),
-        nonfinite_streak=train._replicate(np.int32(0), mesh),
-        max_streak=train._replicate(np.int32(0), mesh),
-    )
-    spec = preprocessing.spec_for("scratch", config.image_size, config.resize)
-    fn = train.make_train_step(config, graphdef, rest, tx, spec, head_only=False, num_classes=5)
-    step = jax.jit(
-        fn,
-        in_shardings=(rep, rep, data.batch_sharding),
-        out_shardings=(rep, rep),
-        donate_argnums=(0, 1),
-    )
-    batch = next(iter(data.train_batches(0)))
-    metrics = jax.jit(train.TrainMetrics.empty, out_shardings=rep)()
-    state, metrics = step(state, metrics, batch)  # compile
+    batch = next(iter(run.data.train_batches(0)))
+    state, metrics = run.full_step(run.state, run.empty_metrics(), batch)  # compile
     jax.block_until_ready(state)
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            state, metrics = step(state, metrics, batch)
+            state, metrics = run.full_step(state, metrics, batch)
         jax.block_until_ready(state)
         rates.append(steps / (time.perf_counter() - t0))
     return statistics.median(rates)
@@ -109,11 +78,10 @@ def bare_step_rate(config, data, steps: int, repeats: int) -> float:
 def main():
     args = parse_args()
     import jax
-    from absl import logging
 
-    from sipak_jax import train
+    from sipak_jax import console, train, train_data, train_setup
 
-    logging.set_verbosity(logging.WARNING)
+    console.quiet_libraries(0)
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_loop_")
     data_root = os.path.join(workdir, "data")
     config = bench_config(args, data_root)
@@ -129,9 +97,13 @@ def main():
     loop_rate = train_steps / train_s
     loop_all_rate = train_steps / all_s
 
-    data_dir, manual_dir = train.prepare_dataset(config, workdir)
-    data = train.Data(config, data_dir, manual_dir, 0, train.make_mesh())
-    bare = bare_step_rate(config, data, steps=max(20, data.steps_per_epoch), repeats=args.repeats)
+    plan = train_data.plan_dataset(config, workdir)
+    run = train_setup.setup(config, os.path.join(workdir, "bare"), 0, plan, "")
+    try:
+        bare = bare_step_rate(run, steps=max(20, run.steps_per_epoch), repeats=args.repeats)
+    finally:
+        run.ckpt.close()
+    data = run.data
 
     print(
         f"\ntrain loop benchmark: {jax.device_count()} {jax.devices()[0].platform} device(s), "

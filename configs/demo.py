@@ -13,15 +13,19 @@ writes every output: `results.json`, `metrics.jsonl`, TensorBoard events, `check
 `metadata.json`, calibration, Grad-CAM overlays of fixed validation cells, `report.html`.
 
 Expected result: test accuracy >= 0.90 on the synthetic fold 0 (121 cells), in under 10
-minutes on 2 CPU cores. Measured: 1.000 (macro-F1 1.000) in 2 min 05 s wall on 2 CPU cores
-shared with other jobs (compilation 26 s, 12 epochs of 11 steps about 1.5 s each).
+minutes on 2 CPU cores. Measured: 0.983 (macro-F1 0.984; best epoch 7 of 12) in 71 s wall on 2
+CPU cores shared with other jobs, data build and compilation included; the whole console is 32
+lines (the config, one line per epoch, the test figures, where the results are). Started again
+on the same workdir it prints where the results are and exits; `--verbosity=1` shows the
+libraries' own logs.
 """
 
 from configs import resnet50
+from configs.common import parse_arg
 
 
 def get_config(arg=None):
-    args = resnet50.parse_arg(arg, fold="0")
+    args = parse_arg(arg, fold="0")
     config = resnet50.get_config()
     config.fold = args["fold"]
     config.synthetic.cells_per_class = 120
@@ -46,5 +50,7 @@ def get_config(arg=None):
 
     config.log_every_steps = 10
     config.profile_steps = 0
+    # Overlays (TensorBoard and the report) use `saliency.overlay_stage`: at 64 px, layer2's 8x8
+    # map (layer4's is 2x2: every cell's evidence would fill the same quadrant).
     config.num_overlay_cells = 4
     return config

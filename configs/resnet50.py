@@ -1,9 +1,13 @@
 r"""ResNet-50 fine-tuned from ImageNet on SIPaKMeD, leak-free grouped folds: the main recipe.
 
-Command (one test fold; fold 0 unless told):
+Command (one test fold; fold 0 unless told), with the dataset built in the default place and
+torchvision's weights converted once:
 
+    python -m tfds_sipakmed.build --manual_dir=~/sipakmed
+    python -m sipak_jax.convert --source=torchvision --download --input=resnet50-11ad3fa6.pth \
+        --output=weights/tv_r50
     python main.py --config=configs/resnet50.py:fold=2 --workdir=workdirs/r50_fold2 \
-        --config.data_dir=~/tensorflow_datasets --config.init_from=resnet50-11ad3fa6.pth
+        --config.init_from=weights/tv_r50
 
 All five folds in turn, then their mean and standard deviation:
 
@@ -30,44 +34,37 @@ published 5-class result uses a grouped protocol. Published fine-tuned ResNet-50
 cell-level splits reaches about 94-97% accuracy; expect a grouped result a few points lower.
 A run of one fold takes minutes on one GPU and about a day on 2 CPU cores.
 
-Config arguments (`configs/resnet50.py:key=value,...`): `fold` (0-4 or `all`), `demo`
-(the CPU demo of configs/demo.py).
+Config arguments (`configs/resnet50.py:key=value,...`): `fold` (0-4 or `all`). The CPU demo
+is `configs/demo.py`, which builds on this file.
+
+Where the data and weights come from: `data_dir=''` reads the TFDS dataset built in
+`$TFDS_DATA_DIR` or `~/tensorflow_datasets` (`python -m tfds_sipakmed.build --manual_dir=M`);
+`init_from` names the official torchvision file, read from the path given, or from the weights
+cache (`python -m sipak_jax.convert --source=torchvision --download --input=NAME --output=DIR`
+fills it). Either missing: the run stops before creating anything and says which command fixes
+it.
+
+What is evaluated at the end (`evaluators`, in this order whatever the order given):
+`calibration` (temperature scaling fitted on validation, ECE and Brier before/after on test),
+`test` (the best checkpoint, once, on the test fold: metrics and per-example predictions),
+`shortcuts` (size-only and colour-only classifiers on the same folds), `artifacts` (saliency
+overlays of selected test cells for the report, `sipak_jax.run_artifacts`), `report`
+(`report.html`). `calibration`, `artifacts` and `report` need `test`.
+
+A finished workdir is not evaluated again (`reevaluate=True` asks for it: a new
+`results.reeval<k>.json` beside `results.json`); a changed config is refused, except for the
+safe fields of `sipak_jax.workdir` and, with `allow_more_epochs=True`, a larger `num_epochs`.
 """
 
 import ml_collections
 
+from configs.common import parse_arg
 
-def parse_arg(arg, **defaults):
-    """'fold=2,demo' -> {'fold': '2', 'demo': True}, with unknown keys rejected."""
-    out = dict(defaults)
-    for item in (arg or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if key not in out:
-            raise ValueError(
-                f"unknown config argument {key!r} in {arg!r}; known: {', '.join(sorted(out))}"
-            )
-        if not sep:
-            out[key] = True
-        elif isinstance(defaults[key], bool):
-            out[key] = value.strip().lower() in ("1", "true", "yes")
-        else:
-            out[key] = type(defaults[key])(value.strip())
-    return out
+EVALUATORS = ("calibration", "test", "shortcuts", "artifacts", "report")
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, fold="0", demo=False)
-    if args["demo"]:
-        from configs import demo  # noqa: PLC0415 - the demo builds on this recipe
-
-        config = demo.get_config()
-        config.fold = args["fold"]
-        return config
-
+    args = parse_arg(arg, fold="0")
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -81,11 +78,9 @@ def get_config(arg=None):
     config.synthetic.cells_per_class = 0  # > 0: write a synthetic SIPaKMeD and build it
     config.synthetic.seed = 0
     config.fold = args["fold"]  # the test fold: '0'..'4', or 'all' (five runs + summary)
-    config.num_folds = 5
     config.val_fraction = 0.2  # of the training folds' cluster images, for model selection
     config.image_size = 224
     config.resize = "pad"  # 'pad' (square, background colour) or 'stretch'
-    config.cache_dir = ""  # '' = keep the resized uint8 arrays in memory only
     config.augment = ("rot90", "flip", "rotate(180)")
 
     # ---- Model -------------------------------------------------------------------------
@@ -111,7 +106,6 @@ def get_config(arg=None):
     config.label_smoothing = 0.1
     config.grad_clip_norm = 1.0  # 0 disables
     config.max_nonfinite_steps = 5  # stop after this many non-finite losses in a row
-    config.inject_nonfinite_steps = ()  # test hook: these steps get a NaN loss
 
     # ---- Bookkeeping ------------------------------------------------------------------
     config.log_every_steps = 20
@@ -121,9 +115,11 @@ def get_config(arg=None):
     config.profile_steps = 5  # steps traced by the profiler after warm-up; 0 disables
     config.num_overlay_cells = 8  # fixed validation cells drawn with Grad-CAM every epoch
     config.overlay_method = "gradcam"
-    config.calibrate = True  # temperature scaling on validation at the end
-    config.report = True  # HTML report at the end (sipak_jax.report)
-    config.shortcuts = True  # size-only / colour-only baselines on the same folds
+    config.evaluators = EVALUATORS  # what the end of the run evaluates (docstring above)
     config.prefetch = 2  # batches staged on the devices ahead of the step
     config.compilation_cache_dir = ""  # persistent XLA cache, e.g. ~/.cache/sipak_jax_xla
+
+    # ---- Workdir (never compared with the workdir's config.json) -----------------------
+    config.reevaluate = False  # True: read the test fold again for a finished run
+    config.allow_more_epochs = False  # True: a resumed run may raise num_epochs
     return config

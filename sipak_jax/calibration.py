@@ -212,6 +212,64 @@ def _text(img, s, x, y, scale=0.45, color=(40, 40, 40), thickness=1):
     cv2.putText(img, s, (int(x), int(y)), _FONT, scale, color, thickness, cv2.LINE_AA)
 
 
+_PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]  # RGB
+
+
+class _Frame:
+    """The geometry of the reliability diagram: a square plot of `size` px, margins, and a
+    histogram strip underneath; `px`/`py` map confidence/accuracy in [0, 1] to pixels."""
+
+    def __init__(self, size: int):
+        self.size, self.hist_h = size, 60
+        self.x0, self.y0 = 56, 34  # left and top margins
+        self.width = self.x0 + size + 16
+        self.height = self.y0 + size + 12 + self.hist_h + 44
+
+    def px(self, c) -> int:
+        return int(round(self.x0 + c * self.size))
+
+    def py(self, a) -> int:
+        return int(round(self.y0 + (1.0 - a) * self.size))
+
+    def axes(self, title: str) -> np.ndarray:
+        """A white image with the title, the grid, the tick labels, the diagonal and the axis
+        names."""
+        img = np.full((self.height, self.width, 3), 255, dtype=np.uint8)
+        x0, y0, size, px, py = self.x0, self.y0, self.size, self.px, self.py
+        _text(img, title, x0, 22, 0.55, (0, 0, 0))
+        for t in np.linspace(0, 1, 6):
+            cv2.line(img, (px(t), y0), (px(t), y0 + size), (230, 230, 230), 1)
+            cv2.line(img, (x0, py(t)), (x0 + size, py(t)), (230, 230, 230), 1)
+            _text(img, f"{t:.1f}", x0 - 30, py(t) + 4, 0.38)
+            _text(img, f"{t:.1f}", px(t) - 10, y0 + size + 12 + self.hist_h + 16, 0.38)
+        cv2.rectangle(img, (x0, y0), (x0 + size, y0 + size), (120, 120, 120), 1)
+        cv2.line(img, (px(0), py(0)), (px(1), py(1)), (150, 150, 150), 1, cv2.LINE_AA)
+        _text(img, "confidence", x0 + size // 2 - 36, self.height - 8, 0.45)
+        strip = np.full((22, size, 3), 255, dtype=np.uint8)
+        _text(strip, "accuracy", size // 2 - 30, 16, 0.45)
+        img[y0 : y0 + size, 2:24] = np.rot90(strip, k=1)
+        return img
+
+    def bars_and_histogram(self, img, b: dict, filled, color) -> None:
+        """A light bar per filled bin (its accuracy) and the confidence histogram (scaled to
+        the fullest bin) in the strip underneath."""
+        edges, px, py = b["edges"], self.px, self.py
+        light = tuple(int(255 - 0.35 * (255 - c)) for c in color)
+        hy0 = self.y0 + self.size + 12
+        cmax = max(int(b["count"].max()), 1)
+        for i in filled:
+            left, right = px(edges[i]) + 1, px(edges[i + 1]) - 1
+            cv2.rectangle(img, (left, py(b["accuracy"][i])), (right, py(0)), light, -1)
+            hgt = int(round(self.hist_h * b["count"][i] / cmax))
+            cv2.rectangle(
+                img, (left, hy0 + self.hist_h - hgt), (right, hy0 + self.hist_h), light, -1
+            )
+        cv2.rectangle(
+            img, (self.x0, hy0), (self.x0 + self.size, hy0 + self.hist_h), (120, 120, 120), 1
+        )
+        _text(img, "count", 4, hy0 + self.hist_h // 2 + 4, 0.38)
+
+
 def reliability_diagram(
     curves: dict,
     labels=None,
@@ -231,75 +289,23 @@ def reliability_diagram(
     """
     if not curves:
         raise ValueError("reliability_diagram needs at least one curve")
-    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]  # RGB
-    margin_l, margin_r, margin_t, margin_b = 56, 16, 34, 44
-    hist_h = 60
-    width = margin_l + size + margin_r
-    height = margin_t + size + 12 + hist_h + margin_b
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    x0, y0 = margin_l, margin_t
-
-    def px(c):
-        return int(round(x0 + c * size))
-
-    def py(a):
-        return int(round(y0 + (1.0 - a) * size))
-
-    _text(img, title, x0, 22, 0.55, (0, 0, 0))
-    # Axes, grid and diagonal.
-    for t in np.linspace(0, 1, 6):
-        cv2.line(img, (px(t), y0), (px(t), y0 + size), (230, 230, 230), 1)
-        cv2.line(img, (x0, py(t)), (x0 + size, py(t)), (230, 230, 230), 1)
-        _text(img, f"{t:.1f}", x0 - 30, py(t) + 4, 0.38)
-        _text(img, f"{t:.1f}", px(t) - 10, y0 + size + 12 + hist_h + 16, 0.38)
-    cv2.rectangle(img, (x0, y0), (x0 + size, y0 + size), (120, 120, 120), 1)
-    cv2.line(img, (px(0), py(0)), (px(1), py(1)), (150, 150, 150), 1, cv2.LINE_AA)
-    _text(img, "confidence", x0 + size // 2 - 36, height - 8, 0.45)
-    strip = np.full((22, size, 3), 255, dtype=np.uint8)
-    _text(strip, "accuracy", size // 2 - 30, 16, 0.45)
-    img[y0 : y0 + size, 2:24] = np.rot90(strip, k=1)
-
-    legend_y = y0 + 18
-    first = True
+    frame = _Frame(size)
+    img = frame.axes(title)
     for ci, (name, probs) in enumerate(curves.items()):
-        color = palette[ci % len(palette)]
+        color = _PALETTE[ci % len(_PALETTE)]
         b = reliability_bins(probs, labels, n_bins)
-        ece = expected_calibration_error(probs, labels, n_bins)
         filled = np.flatnonzero(b["count"] > 0)
-        if first:
-            edges = b["edges"]
-            light = tuple(int(255 - 0.35 * (255 - c)) for c in color)
-            for i in filled:
-                cv2.rectangle(
-                    img,
-                    (px(edges[i]) + 1, py(b["accuracy"][i])),
-                    (px(edges[i + 1]) - 1, py(0)),
-                    light,
-                    -1,
-                )
-            # Confidence histogram (log-free, scaled to the fullest bin).
-            hy0 = y0 + size + 12
-            cmax = max(int(b["count"].max()), 1)
-            for i in filled:
-                hgt = int(round(hist_h * b["count"][i] / cmax))
-                cv2.rectangle(
-                    img,
-                    (px(edges[i]) + 1, hy0 + hist_h - hgt),
-                    (px(edges[i + 1]) - 1, hy0 + hist_h),
-                    light,
-                    -1,
-                )
-            cv2.rectangle(img, (x0, hy0), (x0 + size, hy0 + hist_h), (120, 120, 120), 1)
-            _text(img, "count", 4, hy0 + hist_h // 2 + 4, 0.38)
-            first = False
-        pts = [(px(b["confidence"][i]), py(b["accuracy"][i])) for i in filled]
+        if ci == 0:
+            frame.bars_and_histogram(img, b, filled, color)
+        pts = [(frame.px(b["confidence"][i]), frame.py(b["accuracy"][i])) for i in filled]
         for a, c in zip(pts[:-1], pts[1:], strict=True):
             cv2.line(img, a, c, color, 2, cv2.LINE_AA)
         for p in pts:
             cv2.circle(img, p, 4, color, -1, cv2.LINE_AA)
-        cv2.line(img, (x0 + 10, legend_y - 4), (x0 + 30, legend_y - 4), color, 2)
-        _text(img, f"{name}: ECE {ece:.3f}", x0 + 36, legend_y, 0.45, (0, 0, 0))
-        legend_y += 18
+        ece = expected_calibration_error(probs, labels, n_bins)
+        legend_y = frame.y0 + 18 + 18 * ci
+        cv2.line(img, (frame.x0 + 10, legend_y - 4), (frame.x0 + 30, legend_y - 4), color, 2)
+        _text(img, f"{name}: ECE {ece:.3f}", frame.x0 + 36, legend_y, 0.45, (0, 0, 0))
     return img
 
 

@@ -1,15 +1,21 @@
-"""Training checkpoints: an orbax `CheckpointManager` over `DIR/checkpoints/`.
+"""Training checkpoints: an orbax `CheckpointManager` over `DIR/checkpoints/`, and the one rule
+that picks the best step.
 
 Each checkpoint holds three items (the training-workdir format of docs/architecture.md):
-`model` (the pure dict of the model's parameters and BatchNorm statistics, the same tree as
-a converted-weights DIR), `opt_state` (the optax state) and `meta` (JSON: step, epoch, fold,
-RNG seed, data position, validation metrics). Saves are asynchronous and atomic.
+`model` (`MODEL_ITEM`: the pure dict of the model's parameters and BatchNorm statistics, the
+same tree as a converted-weights DIR), `opt_state` (the optax state) and `meta` (JSON: step,
+epoch, fold, RNG seed, data position, validation metrics). Saves are asynchronous and atomic.
 
-What is kept: the latest checkpoint and the best one by validation macro-F1
-(`BEST_METRIC`), through orbax preservation policies. Only checkpoints saved at the end of an
+The best step: `pick_best_step(metrics_by_step, metric)` is the only function that chooses
+one (the trainer, `Checkpointer.best_step`, `best_step(workdir)` and `sipak_jax.model_io`'s
+loaders all call it): the highest `metric` (`BEST_METRIC`, validation macro-F1, unless a
+model's metadata names another); ties go to the EARLIEST step (the same score reached sooner,
+with less training); a step without the metric (an interval save, or a value that is not a
+finite number) is chosen only when no step has it, and then the latest step is.
+
+What is kept: the latest checkpoint and the best one (by that same rule, through an orbax
+preservation policy that calls `pick_best_step`). Only checkpoints saved at the end of an
 epoch carry metrics; interval saves in between carry none and are kept only while latest.
-`best_step(dir)` reads the metrics back (orbax's own `best_step()` silently returns the latest
-step unless `best_fn` is set; this module sets it too).
 
 A checkpoint with a NaN or Inf anywhere is refused (`NonFiniteCheckpointError`): a run never
 leaves one behind to resume from.
@@ -17,7 +23,10 @@ leaves one behind to resume from.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +38,68 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers as ocm
 
 BEST_METRIC = "val_macro_f1"
-ITEMS = ("model", "opt_state", "meta")
+MODEL_ITEM = "model"
+ITEMS = (MODEL_ITEM, "opt_state", "meta")
 
 
 class NonFiniteCheckpointError(RuntimeError):
     """Raised instead of writing a checkpoint whose arrays hold NaN or Inf."""
 
 
-def _best_value(metrics) -> float:
-    v = (metrics or {}).get(BEST_METRIC)
-    return float("-inf") if v is None else float(v)
+# ---------------------------------------------------------------------------------------------
+# The best step.
+
+
+def metric_value(metrics, metric: str = BEST_METRIC) -> float | None:
+    """`metrics[metric]` as a float; None when it is absent or not a finite number."""
+    if not isinstance(metrics, Mapping) or metrics.get(metric) is None:
+        return None
+    try:
+        value = float(metrics[metric])
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def pick_best_step(
+    metrics_by_step: Mapping[int, Mapping | None], metric: str = BEST_METRIC
+) -> int | None:
+    """The step with the highest `metric`; ties: the earliest step. Steps without the metric
+    count only when no step has it: then the latest step. None when there are no steps."""
+    if not metrics_by_step:
+        return None
+    scored = [
+        (value, int(step))
+        for step, metrics in metrics_by_step.items()
+        if (value := metric_value(metrics, metric)) is not None
+    ]
+    if not scored:
+        return max(int(step) for step in metrics_by_step)
+    return min(scored, key=lambda vs: (-vs[0], vs[1]))[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepBest:
+    """orbax preservation policy: keeps the step `pick_best_step` chooses among the steps that
+    carry the metric (so a tie keeps the earlier step, which orbax's `BestN` would delete)."""
+
+    metric: str = BEST_METRIC
+
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        scored = {
+            c.step: c.metrics
+            for c in checkpoints
+            if metric_value(c.metrics, self.metric) is not None
+        }
+        best = pick_best_step(scored, self.metric)
+        return [c.step == best for c in checkpoints]
+
+
+def _orbax_best_fn(metrics) -> float:
+    """orbax's `best_fn` (orbax stores a step's metrics only when one is set). Nothing here
+    selects with it: `pick_best_step` does."""
+    value = metric_value(metrics)
+    return float("-inf") if value is None else value
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -77,17 +138,14 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = checkpoint_dir(workdir)
-        policies = [
-            ocm.LatestN(n=1),
-            ocm.BestN(get_metric_fn=_best_value, n=1, keep_checkpoints_without_metrics=False),
-        ]
+        policies = [ocm.LatestN(n=1), _KeepBest(BEST_METRIC)]
         save_policy = None
         if save_interval_steps and save_interval_steps > 0:
             save_policy = ocm.FixedIntervalPolicy(int(save_interval_steps))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             save_decision_policy=save_policy,
-            best_fn=_best_value,
+            best_fn=_orbax_best_fn,
             best_mode="max",
             enable_async_checkpointing=async_save,
             read_only=read_only,
@@ -100,16 +158,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def best_step(self) -> int | None:
-        """The step with the highest validation macro-F1 (the latest if none has metrics)."""
-        best, best_value = None, float("-inf")
-        for step in self.manager.all_steps():
-            value = _best_value(self.manager.metrics(step))
-            if best is None or value > best_value:
-                best, best_value = step, value
-        if best_value == float("-inf"):
-            return self.latest_step()
-        return best
+    def metrics_by_step(self) -> dict[int, dict | None]:
+        """{step: the metrics saved with it (None for an interval save)} for every step."""
+        return {int(step): self.manager.metrics(step) for step in self.manager.all_steps()}
+
+    def best_step(self, metric: str = BEST_METRIC) -> int | None:
+        """`pick_best_step` over the saved steps; None when there are none."""
+        return pick_best_step(self.metrics_by_step(), metric)
 
     def all_steps(self):
         return list(self.manager.all_steps())
@@ -179,12 +234,12 @@ class Checkpointer:
         self.manager.close()
 
 
-def best_step(workdir: str) -> int | None:
-    """The best checkpoint's step of a training workdir (validation macro-F1), or None."""
+def best_step(workdir: str, metric: str = BEST_METRIC) -> int | None:
+    """The best checkpoint's step of a training workdir (`pick_best_step`), or None."""
     if not os.path.isdir(checkpoint_dir(workdir)):
         return None
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        return ckpt.best_step()
+        return ckpt.best_step(metric)
     finally:
         ckpt.close()

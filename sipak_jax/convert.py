@@ -22,9 +22,11 @@ BatchNorm statistic with the right shape, except torchvision's ``num_batches_tra
 counters (NNX BatchNorm keeps no counter; they are listed in the log); anything unmatched,
 missing or mis-shaped is an error listing all of them.
 
-The DIR gets ``metadata.json`` (docs/architecture.md) with the class names when a top was
-converted (the ImageNet names of ``sipak_jax.models.imagenet_classes``, the same order in
-both frameworks) and the preprocessing the weights expect:
+The DIR gets ``metadata.json`` (a ``model_io.ModelMetadata``, docs/architecture.md) whose
+taxonomy, when a top was converted, holds the classes (for 1000 classes the ImageNet names of
+``sipak_jax.models.imagenet_classes``, the same order in both frameworks, dataset
+"imagenet", no abnormal classes, no readings; a headless file has none), and the
+preprocessing the weights expect:
 
 - Keras ("caffe"): BGR, mean [103.939, 116.779, 123.68] subtracted, no scaling;
 - torchvision: RGB, (x/255 - mean) / std with the ImageNet mean/std.
@@ -49,11 +51,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Mapping
 
 import numpy as np
+
+from sipak_jax import fileio
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 TORCHVISION_URL = "https://download.pytorch.org/models/"
@@ -370,16 +373,10 @@ def default_cache_dir() -> str:
 
 
 def _fetch(url: str, dest: str) -> None:
-    """Downloads ``url`` to ``dest`` (via a temporary file in the same directory)."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".download-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+    """Downloads ``url`` to ``dest`` atomically (a failed download leaves nothing)."""
+    with fileio.atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as resp:
             shutil.copyfileobj(resp, out)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def resolve_input(path: str, *, download: bool = False, cache_dir: str | None = None) -> str:
@@ -433,11 +430,10 @@ def guess_source(path: str) -> str:
 
 
 def convert_file(path: str, source: str | None = None):
-    """Reads a weights file and returns (model with its weights, metadata dict)."""
+    """Reads a weights file and returns (model with its weights, `model_io.ModelMetadata`)."""
     import jax.numpy as jnp
 
-    from sipak_jax import model_io, preprocessing
-    from sipak_jax.models.imagenet_classes import IMAGENET_CLASS_NAMES
+    from sipak_jax import model_io
 
     source = source or guess_source(path)
     if source not in SOURCES:
@@ -452,6 +448,15 @@ def convert_file(path: str, source: str | None = None):
     flat = to_model_state(source, tensors, model, path)
     model = model_io.model_with_weights(cfg, flat, what=f"file {path}")
     model.eval()
+    return model, _metadata(source, cfg, path, tensors)
+
+
+def _metadata(source: str, cfg: dict, path: str, tensors: Mapping):
+    """The converted DIR's metadata: ImageNet classes (a bare taxonomy, dataset "imagenet")
+    for a 1000-class top, `class_<i>` for another top, none for a headless model."""
+    from sipak_jax import model_io, preprocessing
+    from sipak_jax.models.imagenet_classes import IMAGENET_CLASS_NAMES
+    from tfds_sipakmed.taxonomy import Taxonomy
 
     name = os.path.basename(path)
     src = {"framework": source, "file": name, "sha256": file_digest(path)}
@@ -465,18 +470,18 @@ def convert_file(path: str, source: str | None = None):
             src["dropped"] = f"{len(dropped)} num_batches_tracked counters"
     else:
         src["eval_transform"] = "resize to 224x224"
-    meta = {
-        "kind": "converted",
-        "model": cfg,
-        "preprocessing": preprocessing.spec_for(source, image_size=224, resize="stretch"),
-        "source": src,
-        "temperature": 1.0,
-    }
-    if cfg["num_classes"] == len(IMAGENET_CLASS_NAMES):
-        meta["class_names"] = list(IMAGENET_CLASS_NAMES)
-    elif cfg["num_classes"] > 0:
-        meta["class_names"] = [f"class_{i}" for i in range(cfg["num_classes"])]
-    return model, meta
+    n = cfg["num_classes"]
+    if n == len(IMAGENET_CLASS_NAMES):
+        taxonomy = Taxonomy.bare(IMAGENET_CLASS_NAMES, dataset="imagenet")
+    else:
+        taxonomy = Taxonomy.bare([f"class_{i}" for i in range(n)]) if n else None
+    return model_io.ModelMetadata(
+        kind="converted",
+        model=cfg,
+        taxonomy=taxonomy,
+        preprocessing=preprocessing.spec_for(source, image_size=224, resize="stretch"),
+        source=src,
+    ).validate()
 
 
 def convert(
@@ -525,10 +530,10 @@ def main(argv=None) -> int:
     except (ConversionError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    m = meta["model"]
+    m = meta.model
     print(
         f"Wrote {args.output}: ResNet-{m['depth']} {m['variant']}, {m['num_classes']} classes, "
-        f"from {meta['source']['file']} ({args.source})."
+        f"from {meta.source['file']} ({args.source})."
     )
     return 0
 

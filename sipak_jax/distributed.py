@@ -13,6 +13,9 @@ environment describes a multi-process job:
 
 On CPU, cross-process collectives need an implementation: gloo is selected before start-up
 (used by the two-process test over 127.0.0.1).
+
+`make_mesh()` is the one mesh of the project: 1-D, axis `data`, over every device of every
+process. Training, the input pipeline and the model loaders all use it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ def cluster_kind(env=None) -> str | None:
     if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "tpu_pod"
     return None
+
+
+def make_mesh(devices=None):
+    """A 1-D `jax.sharding.Mesh` with the axis `data` over every device of every process (or
+    over `devices`), Auto axis type (gathers allowed): batches are sharded `P('data')`,
+    parameters replicated `P()`."""
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
 
 
 def initialize(

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+from sipak_jax.imageio import IMAGE_EXTENSIONS, is_image_file
 
 FLAGS = flags.FLAGS
 
@@ -59,7 +59,7 @@ def collect_images(args: Sequence[str]) -> list[str]:
             found = sorted(
                 os.path.join(arg, n)
                 for n in os.listdir(arg)
-                if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(arg, n))
+                if is_image_file(n) and os.path.isfile(os.path.join(arg, n))
             )
             if not found:
                 raise ValueError(f"{arg}: no images ({', '.join(IMAGE_EXTENSIONS)}) inside")
@@ -143,8 +143,7 @@ def run(
     log=print,
 ) -> list[dict]:
     """Explain `inputs` with the model in `checkpoint`; returns one record per image."""
-    from sipak_jax import model_io, preprocessing, saliency
-    from sipak_jax.saliency import overlay
+    from sipak_jax import model_io, saliency
 
     unknown = [m for m in methods if m not in saliency.METHODS]
     if unknown:
@@ -155,71 +154,76 @@ def run(
     os.makedirs(output_dir, exist_ok=True)
     plan = plan_outputs(paths, methods, output_dir, save_raw, overwrite)
     model, meta = model_io.load_model_dir(checkpoint)
-    spec = meta["preprocessing"]
-    names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
-    tgt = resolve_target(target, names)
-    policy = spec.get("resize", preprocessing.DEFAULT_RESIZE)
+    names = meta.class_names or [str(i) for i in range(model.num_classes)]
+    options = {
+        "target": resolve_target(target, names),
+        "score": score,
+        "stage": stage,
+        "spec": meta.preprocessing,
+        "average_transforms": average_transforms,
+    }
     fns = saliency.ModelFunctions(model)
     records = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        crops = [preprocessing.read_image(p) for p in chunk]
-        inputs_u8 = np.stack([preprocessing.preprocess_image(c, spec) for c in crops])
-        x = np.asarray(preprocessing.normalize(inputs_u8, spec))
-        probs = np.asarray(_softmax(np.asarray(fns.logits(x))))
         for m in methods:
-            opts = {}
-            if m in ("ig", "xrai"):
-                opts = (
-                    {"steps": ig_steps, "baseline": baseline}
-                    if m == "ig"
-                    else {"ig_steps": ig_steps}
-                )
-            res = saliency.explain(
-                fns,
-                x,
-                m,
-                target=tgt,
-                score=score,
-                stage=stage,
-                spec=spec,
-                average_transforms=average_transforms,
-                **opts,
-            )
-            for i, (p, crop) in enumerate(zip(chunk, crops, strict=True)):
-                png, npy = plan[(p, m)]
-                norm = overlay.map_to_crop(res.normalized[i], crop.shape, policy)
-                overlay.save_png(png, overlay.overlay(crop, norm), overwrite=overwrite)
-                if npy is not None:
-                    _save_npy(npy, res.maps[i].astype(np.float32), overwrite)
-                t = int(res.target[i])
-                rec = {
-                    "file": p,
-                    "method": m,
-                    "predicted": names[int(np.argmax(probs[i]))],
-                    "target": names[t],
-                    "target_probability": float(probs[i, t]),
-                    "overlay": png,
-                }
-                if "gap" in res.info:
-                    rec["ig_completeness_gap"] = float(np.asarray(res.info["gap"])[i])
+            opts = {**options, **_method_options(m, ig_steps, baseline)}
+            for rec in _explain_chunk(fns, chunk, m, opts, names, plan, overwrite):
                 records.append(rec)
-                extra = (
-                    f" IG gap {rec['ig_completeness_gap']:.1%}"
-                    if "ig_completeness_gap" in rec
-                    else ""
-                )
-                log(
-                    f"{p}: {m} for {rec['target']} (p={rec['target_probability']:.3f}, "
-                    f"predicted {rec['predicted']}){extra} -> {png}"
-                )
+                log(_describe(rec))
     return records
 
 
-def _softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def _method_options(method: str, ig_steps: int, baseline: str) -> dict:
+    if method == "ig":
+        return {"steps": ig_steps, "baseline": baseline}
+    if method == "xrai":
+        return {"ig_steps": ig_steps}
+    return {}
+
+
+def _explain_chunk(fns, paths, method, opts, names, plan, overwrite) -> list[dict]:
+    """Maps of `method` for the images at `paths`: overlays (and raw maps) written where
+    `plan` says; one record per image."""
+    from sipak_jax import calibration, preprocessing, saliency
+    from sipak_jax.saliency import overlay
+
+    spec = opts["spec"]
+    policy = spec.get("resize", preprocessing.DEFAULT_RESIZE)
+    crops = [preprocessing.read_image(p) for p in paths]
+    inputs_u8 = np.stack([preprocessing.preprocess_image(c, spec) for c in crops])
+    x = np.asarray(preprocessing.normalize(inputs_u8, spec))
+    probs = calibration.softmax(np.asarray(fns.logits(x)))
+    res = saliency.explain(fns, x, method, **opts)
+    records = []
+    for i, (p, crop) in enumerate(zip(paths, crops, strict=True)):
+        png, npy = plan[(p, method)]
+        norm = overlay.map_to_crop(res.normalized[i], crop.shape, policy)
+        overlay.save_png(png, overlay.overlay(crop, norm), overwrite=overwrite)
+        if npy is not None:
+            _save_npy(npy, res.maps[i].astype(np.float32), overwrite)
+        t = int(res.target[i])
+        rec = {
+            "file": p,
+            "method": method,
+            "predicted": names[int(np.argmax(probs[i]))],
+            "target": names[t],
+            "target_probability": float(probs[i, t]),
+            "overlay": png,
+        }
+        if "gap" in res.info:
+            rec["ig_completeness_gap"] = float(np.asarray(res.info["gap"])[i])
+        records.append(rec)
+    return records
+
+
+def _describe(rec: dict) -> str:
+    gap = rec.get("ig_completeness_gap")
+    extra = f" IG gap {gap:.1%}" if gap is not None else ""
+    return (
+        f"{rec['file']}: {rec['method']} for {rec['target']} (p={rec['target_probability']:.3f}, "
+        f"predicted {rec['predicted']}){extra} -> {rec['overlay']}"
+    )
 
 
 def _save_npy(path, array, overwrite):
@@ -230,6 +234,9 @@ def _save_npy(path, array, overwrite):
 
 
 def main(argv):
+    from sipak_jax import console
+
+    console.quiet_libraries(FLAGS.verbosity)
     inputs = argv[1:]
     if FLAGS.checkpoint is None or FLAGS.output_dir is None or not inputs:
         raise app.UsageError(
@@ -252,7 +259,7 @@ def main(argv):
             average_transforms=FLAGS.average_transforms,
             batch_size=FLAGS.batch_size,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, console.UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,8 @@
-"""Classification metrics for SIPaKMeD, in numpy: the numbers every evaluation reports.
+"""Classification metrics, in numpy: the numbers every evaluation reports.
 
-`classification_metrics(labels, probs)` is what training (validation after every epoch, the
-test fold at the end), `predict`-based evaluations and the report all use, so that a figure
-means the same thing everywhere. It needs only numpy (no scikit-learn, no TensorFlow: it runs
+`classification_metrics(labels, probs, taxonomy)` is what training (validation after every
+epoch, the test fold at the end), `predict`-based evaluations and the report all use, so that a
+figure means the same thing everywhere. It needs only numpy (no scikit-learn, no TensorFlow: it runs
 on accelerator machines that have neither); tests/test_metrics.py checks every number against
 scikit-learn.
 
@@ -23,14 +23,18 @@ Conventions (each checked against scikit-learn in the tests):
 - `roc_auc_macro`: mean of the defined one-vs-rest AUCs (with every class present this is
   sklearn.metrics.roc_auc_score(multi_class='ovr', average='macro')). Ties are handled as
   sklearn does (a tie counts one half).
-- Grouped views (only when `class_names` are the five SIPaKMeD classes): probabilities are
-  summed per group (`classes.LABEL_3CLASS`, `classes.LABEL_2CLASS`) and the grouped
-  prediction is the argmax of the summed probabilities (this can differ from mapping the
-  5-class argmax when the mass is split). The 2-class view is normal (NILM: Superficial-
-  Intermediate, Parabasal, Metaplastic) vs abnormal (Koilocytotic, Dyskeratotic).
-- `abnormal_vs_nilm`: from the 2-class view, sensitivity = TP / (TP + FN) on abnormal cells,
-  specificity = TN / (TN + FP) on NILM cells, and the ROC-AUC of the summed abnormal
-  probability.
+- The classes, their grouped views and the abnormal set come from the model's taxonomy
+  (`tfds_sipakmed.taxonomy.Taxonomy`, in the model metadata), never from one dataset's
+  constants. Each view `V` of the taxonomy gives `view_V`: probabilities are summed per group
+  (`taxonomy.view_labels(V)`) and the grouped prediction is the argmax of the summed
+  probabilities (this can differ from mapping the class argmax when the mass is split). For
+  SIPaKMeD these are `view_3class` (normal / benign / abnormal, the official grouping) and
+  `view_2class` (normal, Metaplastic included, vs abnormal).
+- `abnormal_vs_nilm`: abnormal (the taxonomy's `abnormal` classes) vs the rest (normal, NILM):
+  the summed probabilities of the two, the call is the larger (normal on a tie);
+  sensitivity = TP / (TP + FN) on abnormal cells, specificity = TN / (TN + FP) on normal
+  cells, and the ROC-AUC of the summed abnormal probability. None, with a line in `notes`,
+  when the taxonomy names no abnormal class (no clinical reading defined).
 
 `confusion_matrix_image(cm, class_names)` renders a confusion matrix as a uint8 RGB image with
 OpenCV (no matplotlib) for TensorBoard (`image / 255.0`, or `as_float=True`) and the report.
@@ -43,13 +47,14 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from sipak_jax import classes
+from tfds_sipakmed.taxonomy import NO_READING, Taxonomy, as_taxonomy
 
 __all__ = [
     "binary_roc_auc",
     "classification_metrics",
     "confusion_matrix",
     "confusion_matrix_image",
+    "abnormal_probabilities",
     "grouped_probabilities",
 ]
 
@@ -149,88 +154,99 @@ def _view(labels, probs, group_names: Sequence[str]) -> dict:
     }
 
 
-def classification_metrics(labels, probs, class_names: Sequence[str] = classes.CLASS_NAMES) -> dict:
+def abnormal_probabilities(probs, taxonomy: Taxonomy) -> np.ndarray:
+    """[N, K] -> [N, 2]: the summed probabilities of (normal, abnormal), abnormal being the
+    taxonomy's `abnormal` classes and normal all the others."""
+    abnormal = set(taxonomy.abnormal_indices())
+    groups = [int(i in abnormal) for i in range(taxonomy.num_classes)]
+    return grouped_probabilities(probs, groups, 2)
+
+
+def _grouped_view(labels, probs, taxonomy: Taxonomy, view: str) -> dict:
+    groups = taxonomy.view_labels(view)
+    names = taxonomy.view_names(view)
+    grouped = grouped_probabilities(probs, groups, len(names))
+    return _view(np.asarray(groups, dtype=np.int64)[labels], grouped, names)
+
+
+def _abnormal_vs_normal(labels, probs, taxonomy: Taxonomy) -> dict:
+    """Sensitivity, specificity and ROC-AUC of the abnormal-vs-normal call (module docstring)."""
+    p2 = abnormal_probabilities(probs, taxonomy)
+    truth = np.isin(labels, taxonomy.abnormal_indices())
+    call = np.argmax(p2, axis=1) == 1
+    tp, fn = int(np.sum(truth & call)), int(np.sum(truth & ~call))
+    tn, fp = int(np.sum(~truth & ~call)), int(np.sum(~truth & call))
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "roc_auc": binary_roc_auc(truth, p2[:, 1]) if labels.size else None,
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+    }
+
+
+def _per_class(labels, probs, cm, class_names: Sequence[str]) -> dict:
+    """{name: {precision, recall, f1, support, roc_auc}} from the confusion matrix."""
+    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    out = {}
+    for i, name in enumerate(class_names):
+        out[name] = {
+            "precision": _ratio(tp[i], predicted[i]),
+            "recall": _ratio(tp[i], support[i]),
+            "f1": _ratio(2 * tp[i], 2 * tp[i] + (predicted[i] - tp[i]) + (support[i] - tp[i])),
+            "support": int(support[i]),
+            "roc_auc": binary_roc_auc(labels == i, probs[:, i]) if labels.size else None,
+        }
+    return out
+
+
+def classification_metrics(labels, probs, taxonomy: Taxonomy | Sequence[str]) -> dict:
     """Every classification figure for one evaluation, as a JSON-serialisable dict.
 
     Args:
-      labels: int [N], true class indices in `class_names` order.
+      labels: int [N], true class indices in the taxonomy's class order.
       probs: float [N, K], predicted probabilities (after softmax, and temperature if any).
-      class_names: the K class names; the grouped views and `abnormal_vs_nilm` are computed
-        only when these are `classes.CLASS_NAMES` (else they are None).
+      taxonomy: the model's `Taxonomy` (its metadata's), or just its K class names (then no
+        grouped view and no abnormal-vs-normal figures).
 
     Returns:
       {"num_examples", "class_names", "accuracy", "balanced_accuracy", "macro_f1",
        "roc_auc_macro", "per_class": {name: {"precision", "recall", "f1", "support",
-       "roc_auc"}}, "confusion_matrix": [[int]], "view_3class", "view_2class",
-       "abnormal_vs_nilm": {"sensitivity", "specificity", "roc_auc", "tp", "fn", "tn", "fp"}}.
+       "roc_auc"}}, "confusion_matrix": [[int]], "view_<V>" for each view V of the taxonomy
+       (SIPaKMeD: "view_3class", "view_2class"), "abnormal_vs_nilm": {"sensitivity",
+       "specificity", "roc_auc", "tp", "fn", "tn", "fp"} or None, "notes": [str]}.
       See the module docstring for the conventions; undefined values are None.
     """
-    class_names = [str(c) for c in class_names]
+    taxonomy = as_taxonomy(taxonomy)
+    class_names = list(taxonomy.class_names)
     labels, probs = _check_inputs(labels, probs, len(class_names))
-    k = len(class_names)
     n = labels.shape[0]
     pred = np.argmax(probs, axis=1) if n else np.zeros(0, dtype=np.int64)
-    cm = confusion_matrix(labels, pred, k)
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-
-    per_class = {}
-    precisions, recalls, f1s, aucs = [], [], [], []
-    for i, name in enumerate(class_names):
-        precision = _ratio(tp[i], predicted[i])
-        recall = _ratio(tp[i], support[i])
-        f1 = _ratio(2 * tp[i], 2 * tp[i] + (predicted[i] - tp[i]) + (support[i] - tp[i]))
-        auc = binary_roc_auc(labels == i, probs[:, i]) if n else None
-        per_class[name] = {
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "support": int(support[i]),
-            "roc_auc": auc,
-        }
-        precisions.append(precision)
-        recalls.append(recall)
-        f1s.append(f1)
-        aucs.append(auc)
-
+    cm = confusion_matrix(labels, pred, len(class_names))
+    per_class = _per_class(labels, probs, cm, class_names)
     out = {
         "num_examples": int(n),
         "class_names": class_names,
         "accuracy": _ratio(np.trace(cm), n),
-        "balanced_accuracy": _mean_defined(recalls),
-        "macro_f1": _mean_defined(f1s),
-        "roc_auc_macro": _mean_defined(aucs),
+        "balanced_accuracy": _mean_defined(c["recall"] for c in per_class.values()),
+        "macro_f1": _mean_defined(c["f1"] for c in per_class.values()),
+        "roc_auc_macro": _mean_defined(c["roc_auc"] for c in per_class.values()),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
-        "view_3class": None,
-        "view_2class": None,
-        "abnormal_vs_nilm": None,
     }
-    if tuple(class_names) != classes.CLASS_NAMES:
-        return out
-
-    labels3 = np.asarray(classes.LABEL_3CLASS)[labels]
-    probs3 = grouped_probabilities(probs, classes.LABEL_3CLASS, len(classes.CLASS_NAMES_3))
-    out["view_3class"] = _view(labels3, probs3, classes.CLASS_NAMES_3)
-
-    labels2 = np.asarray(classes.LABEL_2CLASS)[labels]
-    probs2 = grouped_probabilities(probs, classes.LABEL_2CLASS, len(classes.CLASS_NAMES_2))
-    view2 = _view(labels2, probs2, classes.CLASS_NAMES_2)
-    out["view_2class"] = view2
-    ab = classes.CLASS_NAMES_2.index("abnormal")
-    no = classes.CLASS_NAMES_2.index("normal")
-    cm2 = np.asarray(view2["confusion_matrix"])
-    tp2, fn2, tn2, fp2 = cm2[ab, ab], cm2[ab, no], cm2[no, no], cm2[no, ab]
-    out["abnormal_vs_nilm"] = {
-        "sensitivity": _ratio(tp2, tp2 + fn2),
-        "specificity": _ratio(tn2, tn2 + fp2),
-        "roc_auc": binary_roc_auc(labels2 == ab, probs2[:, ab]) if n else None,
-        "tp": int(tp2),
-        "fn": int(fn2),
-        "tn": int(tn2),
-        "fp": int(fp2),
-    }
+    for view in taxonomy.views:
+        out[f"view_{view}"] = _grouped_view(labels, probs, taxonomy, view)
+    out["abnormal_vs_nilm"] = None
+    out["notes"] = []
+    if taxonomy.abnormal:
+        out["abnormal_vs_nilm"] = _abnormal_vs_normal(labels, probs, taxonomy)
+    else:
+        out["notes"].append(
+            f"{NO_READING}: the model's taxonomy names no abnormal class, so the "
+            "abnormal-vs-normal figures (sensitivity, specificity) are omitted."
+        )
     return out
 
 
@@ -257,6 +273,76 @@ def _text_size(text: str, scale: float, thickness: int) -> tuple[int, int, int]:
 
 def _put_text(img, text, x, y, scale, color, thickness=1):
     cv2.putText(img, text, (int(x), int(y)), _FONT, scale, color, thickness, cv2.LINE_AA)
+
+
+_LABEL_SCALE, _LABEL_THICK, _PAD, _AXIS_H = 0.45, 1, 8, 22
+
+
+def _confusion_canvas(class_names, cell: int, title: str | None):
+    """A white image with room for the grid, the labels, the axis names and the title (drawn);
+    returns (image, grid x0, grid y0, label width, axis height)."""
+    k = len(class_names)
+    sizes = [_text_size(str(n), _LABEL_SCALE, _LABEL_THICK)[0] for n in class_names]
+    label_w = max(sizes) + 2 * _PAD
+    title_h = 28 if title else 0
+    grid = k * cell
+    width = label_w + grid + _PAD + _AXIS_H
+    height = title_h + _AXIS_H + grid + label_w
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    x0, y0 = label_w + _AXIS_H, title_h + _AXIS_H
+    if title:
+        tw, th, _ = _text_size(title, 0.55, 1)
+        _put_text(img, title, max((width - tw) // 2, 2), 6 + th, 0.55, (0, 0, 0))
+    tw, th, _ = _text_size("predicted", 0.45, 1)
+    _put_text(img, "predicted", x0 + (grid - tw) // 2, title_h + th + 4, 0.45, (60, 60, 60))
+    return img, x0, y0, label_w, _AXIS_H
+
+
+def _draw_confusion_cells(img, cm, shade, rows, x0: int, y0: int, cell: int, normalize: bool):
+    """The shaded cells with their counts (and row percentages), then the grid lines."""
+    k = cm.shape[0]
+    colors = _blues(shade)
+    scale = 0.5 if cell >= 48 else 0.35
+    for i in range(k):
+        for j in range(k):
+            ys, xs = y0 + i * cell, x0 + j * cell
+            img[ys : ys + cell, xs : xs + cell] = colors[i, j]
+            text_color = (255, 255, 255) if shade[i, j] > 0.55 else (20, 20, 20)
+            lines = [str(int(cm[i, j]))]
+            if normalize and rows[i, 0] > 0:
+                lines.append(f"{100.0 * shade[i, j]:.0f}%")
+            total_h = len(lines) * (_text_size("0", scale, 1)[1] + 6)
+            ty = ys + (cell - total_h) // 2
+            for line in lines:
+                lw, lh, _ = _text_size(line, scale, 1)
+                ty += lh + 6
+                _put_text(img, line, xs + (cell - lw) // 2, ty - 3, scale, text_color)
+    grid = k * cell
+    for t in range(k + 1):
+        cv2.line(img, (x0, y0 + t * cell), (x0 + grid, y0 + t * cell), (200, 200, 200), 1)
+        cv2.line(img, (x0 + t * cell, y0), (x0 + t * cell, y0 + grid), (200, 200, 200), 1)
+
+
+def _draw_confusion_labels(img, class_names, x0, y0, cell, label_w, axis_h):
+    """Row labels (true class) left of the grid, column labels rotated under it, and the
+    rotated "true" axis name at the far left."""
+    grid = len(class_names) * cell
+    for i, name in enumerate(class_names):
+        lw, lh, _ = _text_size(str(name), _LABEL_SCALE, _LABEL_THICK)
+        cy = y0 + i * cell + (cell + lh) // 2
+        _put_text(img, str(name), x0 - _PAD - lw, cy, _LABEL_SCALE, (0, 0, 0), _LABEL_THICK)
+    # Drawn horizontally on a strip, then rotated counter-clockwise: strip row band j becomes
+    # grid column j, with the right end of the text against the grid.
+    strip = np.full((grid, label_w, 3), 255, dtype=np.uint8)
+    for j, name in enumerate(class_names):
+        lw, lh, _ = _text_size(str(name), _LABEL_SCALE, _LABEL_THICK)
+        cy = j * cell + (cell + lh) // 2
+        _put_text(strip, str(name), label_w - _PAD - lw, cy, _LABEL_SCALE, (0, 0, 0), _LABEL_THICK)
+    img[y0 + grid : y0 + grid + label_w, x0 : x0 + grid] = np.rot90(strip, k=1)
+    tw, th, _ = _text_size("true", 0.45, 1)
+    tstrip = np.full((axis_h, grid, 3), 255, dtype=np.uint8)
+    _put_text(tstrip, "true", (grid - tw) // 2, (axis_h + th) // 2, 0.45, (60, 60, 60))
+    img[y0 : y0 + grid, 0:axis_h] = np.rot90(tstrip, k=1)
 
 
 def confusion_matrix_image(
@@ -288,64 +374,9 @@ def confusion_matrix_image(
     else:
         shade = cm / max(int(cm.max()), 1)
 
-    label_scale, label_thick = 0.45, 1
-    pad = 8
-    label_w = max(_text_size(str(n), label_scale, label_thick)[0] for n in class_names) + 2 * pad
-    axis_h = 22  # room for the axis names
-    title_h = 28 if title else 0
-    grid = k * cell
-    width = label_w + grid + pad + axis_h
-    height = title_h + axis_h + grid + label_w
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    x0, y0 = label_w + axis_h, title_h + axis_h
-
-    if title:
-        tw, th, _ = _text_size(title, 0.55, 1)
-        _put_text(img, title, max((width - tw) // 2, 2), 6 + th, 0.55, (0, 0, 0))
-    tw, th, _ = _text_size("predicted", 0.45, 1)
-    _put_text(img, "predicted", x0 + (grid - tw) // 2, title_h + th + 4, 0.45, (60, 60, 60))
-
-    colors = _blues(shade)
-    for i in range(k):
-        for j in range(k):
-            ys, xs = y0 + i * cell, x0 + j * cell
-            img[ys : ys + cell, xs : xs + cell] = colors[i, j]
-            text_color = (255, 255, 255) if shade[i, j] > 0.55 else (20, 20, 20)
-            lines = [str(int(cm[i, j]))]
-            if normalize and rows[i, 0] > 0:
-                lines.append(f"{100.0 * shade[i, j]:.0f}%")
-            scale = 0.5 if cell >= 48 else 0.35
-            total_h = len(lines) * (_text_size("0", scale, 1)[1] + 6)
-            ty = ys + (cell - total_h) // 2
-            for line in lines:
-                lw, lh, _ = _text_size(line, scale, 1)
-                ty += lh + 6
-                _put_text(img, line, xs + (cell - lw) // 2, ty - 3, scale, text_color)
-    # Grid lines.
-    for t in range(k + 1):
-        cv2.line(img, (x0, y0 + t * cell), (x0 + grid, y0 + t * cell), (200, 200, 200), 1)
-        cv2.line(img, (x0 + t * cell, y0), (x0 + t * cell, y0 + grid), (200, 200, 200), 1)
-
-    # Row labels (true class), right-aligned against the grid.
-    for i, name in enumerate(class_names):
-        lw, lh, _ = _text_size(str(name), label_scale, label_thick)
-        cy = y0 + i * cell + (cell + lh) // 2
-        _put_text(img, str(name), x0 - pad - lw, cy, label_scale, (0, 0, 0), label_thick)
-    # Column labels: drawn horizontally on a strip, then rotated to read bottom-up.
-    strip = np.full((cell * k, label_w, 3), 255, dtype=np.uint8)  # rotated later
-    for j, name in enumerate(class_names):
-        lw, lh, _ = _text_size(str(name), label_scale, label_thick)
-        # np.rot90 (counter-clockwise) turns strip row band j into grid column j, with the
-        # right end of the text against the grid.
-        cy = j * cell + (cell + lh) // 2
-        _put_text(strip, str(name), label_w - pad - lw, cy, label_scale, (0, 0, 0), label_thick)
-    rotated = np.rot90(strip, k=1)  # [label_w, cell*k]; text now reads bottom to top
-    img[y0 + grid : y0 + grid + label_w, x0 : x0 + grid] = rotated
-    # "true" axis name, rotated, at the far left.
-    tw, th, _ = _text_size("true", 0.45, 1)
-    tstrip = np.full((axis_h, grid, 3), 255, dtype=np.uint8)
-    _put_text(tstrip, "true", (grid - tw) // 2, (axis_h + th) // 2, 0.45, (60, 60, 60))
-    img[y0 : y0 + grid, 0:axis_h] = np.rot90(tstrip, k=1)
+    img, x0, y0, label_w, axis_h = _confusion_canvas(class_names, cell, title)
+    _draw_confusion_cells(img, cm, shade, rows, x0, y0, cell, normalize)
+    _draw_confusion_labels(img, class_names, x0, y0, cell, label_w, axis_h)
     if as_float:
         return img.astype(np.float32) / 255.0
     return img

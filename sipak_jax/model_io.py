@@ -1,15 +1,20 @@
-"""Reading and writing model DIRs (docs/architecture.md "Model DIRs"), and weight loading.
+"""Model DIRs: the one model-metadata type, reading and writing DIRs, strict weight merging.
 
-A model DIR is either
+A model DIR (docs/architecture.md "Model DIRs") is either
 
-- a converted-weights DIR (``sipak_jax.convert``): ``DIR/metadata.json`` (``"kind":
+- a converted-weights DIR (``sipak_jax.convert``): ``DIR/metadata.json`` (``kind
   "converted"``) and ``DIR/checkpoint/``, an orbax ``StandardCheckpointer`` directory holding
   the pure dict of the model's parameters and BatchNorm statistics; or
-- a training workdir: ``DIR/metadata.json`` (``"kind": "training"``) and ``DIR/checkpoints/``,
-  an orbax ``CheckpointManager`` directory whose steps hold the items ``model`` (the same pure
-  dict), ``opt_state`` and ``meta``. ``load_model_dir`` picks the step with the best
-  validation metric (``metadata["best_metric"]``, default ``"val_macro_f1"``, read from the
-  metrics saved with each step); without metrics, the latest step.
+- a training workdir: ``DIR/metadata.json`` (``kind "training"``) and ``DIR/checkpoints/``
+  (``sipak_jax.checkpointing``), whose steps hold the items ``model`` (the same pure dict),
+  ``opt_state`` and ``meta``. ``load_model_dir`` loads the step that
+  ``checkpointing.pick_best_step`` picks from the metrics saved with each step (the metric
+  named by the metadata's ``best_metric``, default ``checkpointing.BEST_METRIC``).
+
+``metadata.json`` is one type, ``ModelMetadata`` (format ``FORMAT``), written by conversion
+and by training through ``write_metadata`` (validated before anything is written) and read
+by every loader through ``read_metadata`` (validated again; format ``sipak_jax.model/1`` is
+read too). A bad file is a ``MetadataError`` naming the file and the field.
 
 Restores never trust the shardings stored in a checkpoint: every array is restored with a
 concrete sharding (replicated over the local devices unless told otherwise), built from the
@@ -18,14 +23,16 @@ model comes from exactly one tensor of the checkpoint, shapes must agree, and an
 over is an error that lists it (``WeightMismatchError``). Dropout RNG state saved with a
 model is the one thing a merge leaves out on purpose.
 
-``init_from(model, source)`` is the training initialisation: a model DIR or a raw weights
-file (``.h5``, ``.pth``, ``.safetensors``) loads everything but the head, which stays as the
-new model built it.
+Raw weights files (``.h5``, ``.pth``) are ``sipak_jax.convert``'s; the training
+initialisation from a DIR or a file is ``sipak_jax.pretrained``'s. This module imports
+neither.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -35,14 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sipak_jax.models.resnet import ResNet
+from sipak_jax import checkpointing, distributed, fileio, preprocessing
+from sipak_jax.models.resnet import DEPTHS, VARIANTS, ResNet
+from tfds_sipakmed.taxonomy import Taxonomy, for_class_names
 
-FORMAT = "sipak_jax.model/1"
+FORMAT = "sipak_jax.model/2"
+FORMAT_V1 = "sipak_jax.model/1"  # read, never written: class_names instead of a taxonomy
 METADATA_FILE = "metadata.json"
 CONVERTED_CHECKPOINT = "checkpoint"
-TRAINING_CHECKPOINTS = "checkpoints"
-MODEL_ITEM = "model"
-DEFAULT_BEST_METRIC = "val_macro_f1"
+KINDS = ("converted", "training")
 _WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)  # what a checkpoint holds (no RNG state)
 
 
@@ -219,9 +227,8 @@ def _is_flat(tree: Mapping) -> bool:
 
 
 def default_sharding() -> jax.sharding.Sharding:
-    """Replicated over every device (``P()`` on a 1-D mesh named ``data``)."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    """Replicated over every device (``P()`` on ``distributed.make_mesh()``)."""
+    return jax.sharding.NamedSharding(distributed.make_mesh(), jax.sharding.PartitionSpec())
 
 
 def restore_arrays(checkpoint_dir: str | os.PathLike, sharding=None) -> dict:
@@ -251,60 +258,247 @@ def restore_arrays(checkpoint_dir: str | os.PathLike, sharding=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The metadata type.
+
+
+class MetadataError(ValueError):
+    """metadata.json (or a ModelMetadata) is unusable; the message names the file and field."""
+
+
+_MODEL_KEYS = ("depth", "variant", "num_classes", "width", "stage_sizes")
+
+
+def _fail(field: str, message: str):
+    raise MetadataError(f"field {field!r}: {message}")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, Mapping):
+        _fail("model", f"expected a dict with {list(_MODEL_KEYS)}, got {type(model).__name__}")
+    unknown = sorted(set(model) - set(_MODEL_KEYS))
+    missing = [k for k in _MODEL_KEYS[:4] if k not in model]
+    if unknown or missing:
+        _fail("model", f"unknown keys {unknown}, missing keys {missing}")
+    if not isinstance(model["depth"], int) or model["depth"] not in DEPTHS:
+        _fail("model.depth", f"must be one of {sorted(DEPTHS)}, got {model['depth']!r}")
+    if model["variant"] not in VARIANTS:
+        _fail("model.variant", f"must be one of {VARIANTS}, got {model['variant']!r}")
+    for key, low in (("num_classes", 0), ("width", 1)):
+        value = model[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            _fail(f"model.{key}", f"must be an integer >= {low}, got {value!r}")
+    sizes = model.get("stage_sizes")
+    if sizes is not None and (
+        not isinstance(sizes, (list, tuple))
+        or len(sizes) != 4
+        or not all(isinstance(n, int) and n >= 1 for n in sizes)
+    ):
+        _fail("model.stage_sizes", f"must be null or 4 positive integers, got {sizes!r}")
+
+
+def _check_taxonomy(taxonomy, num_classes: int) -> None:
+    if num_classes == 0:
+        if taxonomy is not None:
+            _fail("taxonomy", "must be null for a headless model (model.num_classes 0)")
+        return
+    if not isinstance(taxonomy, Taxonomy):
+        _fail("taxonomy", f"expected a Taxonomy for {num_classes} classes, got {taxonomy!r}")
+    if taxonomy.num_classes != num_classes:
+        _fail(
+            "taxonomy.class_names",
+            f"{taxonomy.num_classes} classes for model.num_classes={num_classes}",
+        )
+
+
+def _check_preprocessing(spec) -> None:
+    try:
+        preprocessing.validate_spec(spec)
+    except ValueError as e:
+        _fail("preprocessing", str(e))
+    size = spec.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        _fail("preprocessing.image_size", f"must be a positive integer, got {size!r}")
+    if "resize" not in spec:
+        _fail("preprocessing.resize", f"missing (one of {preprocessing.RESIZE_POLICIES})")
+
+
+def _check_optional(meta: ModelMetadata) -> None:
+    for name in ("source", "dataset"):
+        value = getattr(meta, name)
+        if value is not None and not isinstance(value, Mapping):
+            _fail(name, f"must be null or a dict, got {type(value).__name__}")
+    t = meta.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        _fail("temperature", f"must be a finite number > 0, got {t!r}")
+    if meta.best_metric is not None and (
+        not isinstance(meta.best_metric, str) or not meta.best_metric
+    ):
+        _fail("best_metric", f"must be null or a metric name, got {meta.best_metric!r}")
+    fold = meta.fold
+    if fold is not None and (not isinstance(fold, int) or isinstance(fold, bool) or fold < 0):
+        _fail("fold", f"must be null or an integer >= 0, got {fold!r}")
+
+
+@dataclasses.dataclass
+class ModelMetadata:
+    """What a model DIR says about its model (``metadata.json``, format ``FORMAT``).
+
+    Fields:
+      kind: "converted" (``sipak_jax.convert``) or "training" (a training workdir).
+      model: the architecture as ``ResNet.config()`` gives it: depth, variant, num_classes,
+        width (and stage_sizes when not the depth's).
+      taxonomy: the classes in logit order and what they mean (``tfds_sipakmed.taxonomy``);
+        None only for a headless model (``num_classes`` 0).
+      preprocessing: the input the weights expect (``sipak_jax.preprocessing`` spec with
+        ``image_size`` and ``resize``).
+      source: where the weights came from (file, hash, URL; for training, the ``init_from``
+        weights), or None.
+      temperature: the softmax temperature fitted on validation (1.0: none).
+      best_metric: the metric that picks a training workdir's best step (None:
+        ``checkpointing.BEST_METRIC``).
+      fold, dataset: the test fold and the data of a training run.
+      step, step_reason: set by ``load_model_dir`` on a training workdir (the step loaded and
+        why); never written to the file.
+    """
+
+    kind: str
+    model: dict
+    taxonomy: Taxonomy | None
+    preprocessing: dict
+    source: dict | None = None
+    temperature: float = 1.0
+    best_metric: str | None = None
+    fold: int | None = None
+    dataset: dict | None = None
+    step: int | None = dataclasses.field(default=None, compare=False)
+    step_reason: str | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The class names in logit order (empty for a headless model)."""
+        return () if self.taxonomy is None else self.taxonomy.class_names
+
+    def validate(self) -> ModelMetadata:
+        """Raises MetadataError naming the first unusable field; returns self."""
+        if self.kind not in KINDS:
+            _fail("kind", f"must be one of {KINDS}, got {self.kind!r}")
+        _check_model(self.model)
+        _check_taxonomy(self.taxonomy, self.model["num_classes"])
+        _check_preprocessing(self.preprocessing)
+        _check_optional(self)
+        return self
+
+    def to_dict(self) -> dict:
+        """The JSON form of the file (format ``FORMAT``); ``step``/``step_reason`` left out."""
+        out = {"format": FORMAT}
+        for field in _FILE_FIELDS:
+            out[field] = getattr(self, field)
+        out["taxonomy"] = None if self.taxonomy is None else self.taxonomy.to_dict()
+        out["temperature"] = float(self.temperature)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelMetadata:
+        """Reads ``to_dict``'s form, or format ``sipak_jax.model/1`` (its ``class_names`` become
+        a taxonomy: SIPaKMeD's when they are its classes, else a bare one; see
+        ``tfds_sipakmed.taxonomy.for_class_names``); validated. Raises MetadataError naming
+        the field."""
+        if not isinstance(d, Mapping):
+            raise MetadataError(f"expected a JSON object, got {type(d).__name__}")
+        fields = dict(d)
+        fmt = fields.pop("format", None)
+        if fmt == FORMAT_V1:
+            fields = _fields_from_v1(fields)
+        elif fmt != FORMAT:
+            _fail("format", f"is {fmt!r}; expected {FORMAT!r} (or {FORMAT_V1!r})")
+        unknown = sorted(set(fields) - set(_FILE_FIELDS))
+        missing = [f for f in _REQUIRED if f not in fields]
+        if unknown or missing:
+            raise MetadataError(f"unknown fields {unknown}, missing fields {missing}")
+        taxonomy = fields.pop("taxonomy")
+        if taxonomy is not None:
+            try:
+                taxonomy = Taxonomy.from_dict(taxonomy)
+            except ValueError as e:
+                _fail("taxonomy", str(e))
+        return cls(taxonomy=taxonomy, **fields).validate()
+
+
+_FILE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ModelMetadata) if f.name not in ("step", "step_reason")
+)
+_REQUIRED = ("kind", "model", "taxonomy", "preprocessing")
+
+
+def _fields_from_v1(fields: dict) -> dict:
+    names = fields.pop("class_names", None)
+    model = fields.get("model")
+    headless = isinstance(model, Mapping) and model.get("num_classes") == 0
+    if names is None and not headless:
+        _fail("class_names", "missing (format sipak_jax.model/1 names the classes there)")
+    fields["taxonomy"] = None if names is None else for_class_names(names).to_dict()
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
 # Model DIRs.
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """Reads and checks ``path/metadata.json``; errors name the file and the field."""
-    file = os.path.join(os.fspath(path), METADATA_FILE)
+def _metadata_file(path) -> str:
+    return os.path.join(os.fspath(path), METADATA_FILE)
+
+
+def read_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """Reads and validates ``path/metadata.json``; errors name the file and the field."""
+    file = _metadata_file(path)
     if not os.path.isfile(file):
         raise FileNotFoundError(
             f"{file} not found: {path} is not a model DIR (make one with `python -m "
             "sipak_jax.convert` or by training with `python main.py --workdir=DIR`)."
         )
     try:
-        with open(file) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{file}: 'format' is {meta.get('format')!r}, expected {FORMAT!r}.")
-    if meta.get("kind") not in ("converted", "training"):
-        raise ValueError(
-            f"{file}: 'kind' must be 'converted' or 'training', got {meta.get('kind')!r}."
-        )
-    if not isinstance(meta.get("model"), dict):
-        raise ValueError(f"{file}: 'model' must be a dict with depth, variant, num_classes, width.")
-    names = meta.get("class_names")
-    if names is not None and len(names) != meta["model"].get("num_classes"):
-        raise ValueError(
-            f"{file}: {len(names)} class_names for num_classes={meta['model'].get('num_classes')}."
-        )
-    return meta
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetadataError(f"{file} is not valid JSON: {e}") from None
+    try:
+        return ModelMetadata.from_dict(raw)
+    except MetadataError as e:
+        raise MetadataError(f"{file}: {e}") from None
 
 
-def write_metadata(path: str | os.PathLike, metadata: Mapping) -> None:
-    """Writes ``path/metadata.json`` (atomically: temp file + rename)."""
-    file = os.path.join(os.fspath(path), METADATA_FILE)
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(metadata), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, file)
+def write_metadata(path: str | os.PathLike, metadata: ModelMetadata) -> None:
+    """Validates ``metadata`` and writes ``path/metadata.json`` atomically."""
+    file = _metadata_file(path)
+    if not isinstance(metadata, ModelMetadata):
+        raise TypeError(f"write_metadata({file}) takes a ModelMetadata, got {type(metadata)}")
+    try:
+        metadata.validate()
+    except MetadataError as e:
+        raise MetadataError(f"refusing to write {file}: {e}") from None
+    fileio.atomic_write_json(file, metadata.to_dict())
 
 
 def save_model_dir(
-    path: str | os.PathLike, model: nnx.Module, metadata: Mapping, *, overwrite: bool = False
+    path: str | os.PathLike, model: nnx.Module, metadata: ModelMetadata, *, overwrite=False
 ) -> None:
     """Writes a converted-weights DIR: ``checkpoint/`` (orbax) and ``metadata.json``.
 
-    Refuses a non-empty ``path`` unless ``overwrite`` (then only ``checkpoint/`` and
-    ``metadata.json`` are replaced; other files stay)."""
+    ``metadata.kind`` must be "converted" and ``metadata.model`` the model's config. Refuses a
+    non-empty ``path`` unless ``overwrite`` (then only ``checkpoint/`` and ``metadata.json``
+    are replaced; other files stay)."""
     import shutil
 
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
+    if metadata.kind != "converted" or dict(metadata.model) != model.config():
+        raise ValueError(
+            f"save_model_dir({path}) writes converted DIRs of the model it is given: metadata "
+            f"kind {metadata.kind!r} (expected 'converted'), model {metadata.model} (the model "
+            f"is {model.config()})."
+        )
+    metadata.validate()
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a directory.")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -312,13 +506,6 @@ def save_model_dir(
             f"{path} is not empty ({', '.join(sorted(os.listdir(path))[:5])}...); choose a new "
             "output directory or pass --overwrite."
         )
-    meta = {"format": FORMAT, **dict(metadata)}
-    meta.setdefault("kind", "converted")
-    if meta.get("model") is not None and dict(meta["model"]) != model.config():
-        raise ValueError(
-            f"metadata 'model' {meta['model']} does not describe the model {model.config()}."
-        )
-    meta["model"] = model.config()
     os.makedirs(path, exist_ok=True)
     ckpt = os.path.join(path, CONVERTED_CHECKPOINT)
     if os.path.exists(ckpt):
@@ -326,95 +513,58 @@ def save_model_dir(
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(ckpt, weights_state(model))
         ckptr.wait_until_finished()
-    write_metadata(path, meta)
+    write_metadata(path, metadata)
     read_metadata(path)  # what we wrote must read back
 
 
-def _best_step(checkpoints_dir: str, metric: str) -> tuple[int, str]:
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(checkpoints_dir, options=options) as mngr:
-        steps = list(mngr.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"No checkpoint steps in {checkpoints_dir}.")
-        scored = []
-        for step in steps:
-            metrics = mngr.metrics(step) or {}
-            if metric in metrics:
-                scored.append((float(metrics[metric]), step))
-        if scored:
-            best = max(scored)  # ties: the later step
-            return best[1], f"best {metric}={best[0]:.6g}"
-        return max(steps), f"latest (no step saved the metric {metric!r})"
+def weights_dir(
+    path: str | os.PathLike, metadata: ModelMetadata, step: int | None = None
+) -> tuple[str, int | None, str]:
+    """(the orbax directory holding the weights, step, why) of a model DIR: a converted DIR's
+    ``checkpoint/``; a training workdir's ``step`` or the step ``pick_best_step`` picks."""
+    path = os.path.abspath(os.fspath(path))
+    if metadata.kind == "converted":
+        return os.path.join(path, CONVERTED_CHECKPOINT), None, "converted weights"
+    ckpts = checkpointing.checkpoint_dir(path)
+    if not os.path.isdir(ckpts):
+        raise FileNotFoundError(f"{path} is a training workdir without {ckpts}.")
+    reason = "requested"
+    if step is None:
+        metric = metadata.best_metric or checkpointing.BEST_METRIC
+        ckpt = checkpointing.Checkpointer(path, read_only=True)
+        try:
+            by_step = ckpt.metrics_by_step()
+        finally:
+            ckpt.close()
+        step = checkpointing.pick_best_step(by_step, metric)
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint steps in {ckpts}.")
+        value = checkpointing.metric_value(by_step[step], metric)
+        reason = (
+            f"latest (no step saved the metric {metric!r})"
+            if value is None
+            else f"best {metric}={value:.6g}"
+        )
+    item = os.path.join(ckpts, str(step), checkpointing.MODEL_ITEM)
+    if not os.path.isdir(item):
+        raise FileNotFoundError(f"Step {step} has no '{checkpointing.MODEL_ITEM}' item at {item}.")
+    return item, int(step), reason
 
 
 def load_model_dir(
     path: str | os.PathLike, *, dtype=jnp.float32, step: int | None = None, sharding=None
-) -> tuple[ResNet, dict]:
+) -> tuple[ResNet, ModelMetadata]:
     """Loads a model DIR (converted or training workdir) -> (model in eval mode, metadata).
 
-    For a training workdir the step is ``step`` or the best one (module docstring);
-    ``metadata["step"]`` and ``metadata["step_reason"]`` say which was loaded.
+    For a training workdir the step is ``step`` or the best one (module docstring); the
+    metadata's ``step`` and ``step_reason`` say which was loaded.
     """
-    path = os.fspath(path)
     meta = read_metadata(path)
-    if meta["kind"] == "converted":
-        ckpt = os.path.join(path, CONVERTED_CHECKPOINT)
-    else:
-        ckpts = os.path.abspath(os.path.join(path, TRAINING_CHECKPOINTS))
-        if not os.path.isdir(ckpts):
-            raise FileNotFoundError(f"{path} is a training workdir without {ckpts}.")
-        if step is None:
-            step, reason = _best_step(ckpts, meta.get("best_metric", DEFAULT_BEST_METRIC))
-        else:
-            reason = "requested"
-        ckpt = os.path.join(ckpts, str(step), MODEL_ITEM)
-        if not os.path.isdir(ckpt):
-            raise FileNotFoundError(f"Step {step} has no '{MODEL_ITEM}' item at {ckpt}.")
-        meta = {**meta, "step": int(step), "step_reason": reason}
+    ckpt, loaded_step, reason = weights_dir(path, meta, step)
+    if meta.kind == "training":
+        meta = dataclasses.replace(meta, step=loaded_step, step_reason=reason)
     model = model_with_weights(
-        meta["model"], restore_arrays(ckpt, sharding), dtype=dtype, what=f"checkpoint {ckpt}"
+        meta.model, restore_arrays(ckpt, sharding), dtype=dtype, what=f"checkpoint {ckpt}"
     )
     model.eval()
     return model, meta
-
-
-def load_weights(source: str | os.PathLike, sharding=None) -> tuple[dict, dict]:
-    """(flat {'path': array} of the model's state, metadata) from a model DIR or a raw weights
-    file (``.h5`` Keras, ``.pth`` / ``.safetensors`` torchvision), for ``init_from``."""
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        meta = read_metadata(source)
-        if meta["kind"] == "converted":
-            ckpt = os.path.join(source, CONVERTED_CHECKPOINT)
-        else:
-            ckpts = os.path.abspath(os.path.join(source, TRAINING_CHECKPOINTS))
-            step, _ = _best_step(ckpts, meta.get("best_metric", DEFAULT_BEST_METRIC))
-            ckpt = os.path.join(ckpts, str(step), MODEL_ITEM)
-        return flatten(restore_arrays(ckpt, sharding)), meta
-    from sipak_jax import convert  # imported here: h5py/torch only when a raw file is given
-
-    model, meta = convert.convert_file(source)
-    return flatten(weights_state(model)), meta
-
-
-def init_from(
-    model: ResNet, source: str | os.PathLike, *, keep: Iterable[str] = ("fc/.*",)
-) -> dict:
-    """Loads the backbone and BatchNorm statistics of ``source`` (model DIR or weights file)
-    into ``model``, keeping its head (paths matching ``keep`` regexes, default the ``fc``
-    layer). Strict about everything else (``merge_weights``); the source's architecture
-    (depth, variant, width) must equal the model's. Returns a summary for the log."""
-    flat, meta = load_weights(source)
-    src_cfg = meta["model"]
-    mine = model.config()
-    for key in ("depth", "variant", "width"):
-        if src_cfg.get(key, 64 if key == "width" else None) != mine.get(key):
-            raise WeightMismatchError(
-                f"{source} holds a ResNet with {key}={src_cfg.get(key)!r}, the model has "
-                f"{key}={mine.get(key)!r}; build the model with {key}={src_cfg.get(key)!r}."
-            )
-    kept = merge_weights(model, flat, dont_load=keep, what=f"weights {source}")
-    loaded = len(flatten(weights_state(model))) - len(kept)
-    return {"source": os.fspath(source), "loaded": loaded, "kept": kept, "metadata": meta}

@@ -10,21 +10,26 @@ evaluation's preprocessing (`sipak_jax.preprocessing`: `read_image` converts BMP
 grayscale, RGBA and 16-bit to uint8 RGB; `preprocess_image` resizes with the model's policy and
 size; `normalize` inside the jitted forward pass), in batches through one compiled function
 (the last batch is padded, so it compiles once). Probabilities are softmax(logits / T) with the
-model's `metadata["temperature"]` (fitted on validation at the end of training; 1 if absent).
+model's `metadata.temperature` (fitted on validation at the end of training; 1 if none).
 
 Output, one row per input file (`.jsonl`: one JSON object a line; `.csv`: the same as columns):
 - `path`: the file as given, or found under a given directory (walked recursively, sorted;
-  files with an image extension, see `IMAGE_EXTENSIONS`; others are listed on stderr);
+  files with an image extension, see `sipak_jax.imageio.IMAGE_EXTENSIONS`; others are listed
+  on stderr);
 - `label`, `label_index`: the predicted class (argmax) and its index;
 - `probabilities`: the full vector in class-index order (CSV: one `p_<class>` column each);
 - `class_names` (jsonl only; the CSV names the classes in its `p_<class>` headers);
-- for the five SIPaKMeD classes (null for any other model, e.g. a 1000-class ImageNet one):
-  `label_3class` (normal / benign / abnormal) and `label_2class` (normal / abnormal): the
-  argmax of the probabilities summed per group, as `sipak_jax.metrics` computes them;
-  `p_abnormal` (Koilocytotic + Dyskeratotic); `flagged` (the 2-class reading is abnormal);
-  `bethesda`: the Bethesda System reading of the 5-class label (`classes.BETHESDA`). When the
-  probability mass is split, `label` (5-class argmax) and `flagged` (summed groups) can
-  disagree, e.g. Dyskeratotic 0.35 but abnormal 0.45: read `flagged` for the screening call;
+- what the classes mean, from the model's taxonomy (`metadata.taxonomy`, see
+  `tfds_sipakmed.taxonomy`): `label_3class` and `label_2class`: the argmax of the
+  probabilities summed per group of its "3class" / "2class" view, as `sipak_jax.metrics`
+  computes them (SIPaKMeD: normal / benign / abnormal and normal / abnormal; null when the
+  taxonomy has no such view); `p_abnormal`: the summed probability of its abnormal classes
+  (SIPaKMeD: Koilocytotic + Dyskeratotic) and `flagged`: whether that beats the rest (both
+  null when it names no abnormal class, e.g. an ImageNet model); `bethesda`: the clinical
+  reading of the predicted class (SIPaKMeD: its Bethesda System category), or "no clinical
+  reading defined". When the probability mass is split, `label` (class argmax) and `flagged`
+  (summed groups) can disagree, e.g. Dyskeratotic 0.35 but abnormal 0.45: read `flagged` for
+  the screening call;
 - `temperature`; `overlay`: the saliency overlay PNG (with `--explain`: the map of the
   predicted class drawn over the original image at its own size), else null;
 - `error`: null, or why the file could not be read. Such a row has only `path` and `error`;
@@ -42,7 +47,6 @@ import argparse
 import concurrent.futures
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -51,14 +55,14 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from sipak_jax import classes
+from sipak_jax import fileio
+from sipak_jax.imageio import IMAGE_EXTENSIONS, is_image_file, read_for_model
+from tfds_sipakmed.taxonomy import NO_READING, Taxonomy, as_taxonomy
 
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 OUTPUT_FORMATS = (".jsonl", ".csv")
 DEFAULT_BATCH_SIZE = 32
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "Predictor",
     "collect_inputs",
     "main",
@@ -99,7 +103,7 @@ def collect_inputs(inputs: Iterable[str], exclude: Iterable[str] = ()) -> tuple[
                     p = os.path.join(root, name)
                     if is_excluded(p):
                         continue
-                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    if is_image_file(name):
                         found.append(p)
                     else:
                         skipped.append(p)
@@ -118,19 +122,6 @@ def collect_inputs(inputs: Iterable[str], exclude: Iterable[str] = ()) -> tuple[
     return entries, skipped
 
 
-def _read(path: str, spec: dict, keep_original: bool = False):
-    """(uint8 [S, S, 3] network input, original RGB or None, None) or (None, None, error)."""
-    from sipak_jax import preprocessing
-
-    try:
-        rgb = preprocessing.read_image(path)
-        return preprocessing.preprocess_image(rgb, spec), (rgb if keep_original else None), None
-    except (OSError, ValueError) as e:
-        return None, None, str(e) or type(e).__name__
-    except Exception as e:  # noqa: BLE001 - e.g. cv2.error on an exotic file: report, go on
-        return None, None, f"{type(e).__name__}: {e}"
-
-
 # ---------------------------------------------------------------------------------------------
 # The model.
 
@@ -138,11 +129,11 @@ def _read(path: str, spec: dict, keep_original: bool = False):
 class Predictor:
     """A model and its metadata as one jitted function: uint8 images -> logits / probabilities.
 
-    `metadata` is a model DIR's metadata (`preprocessing`, `class_names`, optional
+    `metadata` is a model DIR's `model_io.ModelMetadata` (its `preprocessing`, `taxonomy` and
     `temperature`). Batches are padded to `batch_size` so the function compiles once.
     """
 
-    def __init__(self, model, metadata: dict, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(self, model, metadata, batch_size: int = DEFAULT_BATCH_SIZE):
         import jax
         from flax import nnx
 
@@ -150,25 +141,15 @@ class Predictor:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        spec = metadata.get("preprocessing")
-        if spec is None:
-            raise ValueError("model metadata lacks 'preprocessing' (see docs/architecture.md).")
-        preprocessing.validate_spec(spec)
-        if "image_size" not in spec:
-            raise ValueError("model metadata 'preprocessing' lacks 'image_size'.")
+        metadata.validate()
+        if metadata.taxonomy is None:
+            raise ValueError("the model is headless (model.num_classes 0): it cannot classify.")
+        spec = metadata.preprocessing
         self.spec = dict(spec)
         self.image_size = int(spec["image_size"])
-        num_classes = int(metadata.get("model", {}).get("num_classes", 0)) or None
-        names = metadata.get("class_names")
-        if names is None:
-            if num_classes != len(classes.CLASS_NAMES):
-                raise ValueError("model metadata lacks 'class_names'.")
-            names = classes.CLASS_NAMES
-        self.class_names = tuple(str(n) for n in names)
-        t = metadata.get("temperature")
-        self.temperature = 1.0 if t is None else float(t)
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"model metadata 'temperature' must be > 0, got {t!r}.")
+        self.taxonomy: Taxonomy = metadata.taxonomy
+        self.class_names = self.taxonomy.class_names
+        self.temperature = float(metadata.temperature)
         self.batch_size = int(batch_size)
         self.model = model
         model.eval()
@@ -211,7 +192,8 @@ class Predictor:
         return softmax(self.logits(images), self.temperature)
 
     def explain(self, images: np.ndarray, method: str, targets: np.ndarray) -> np.ndarray:
-        """Saliency maps in [0, 1], [N, S, S], of `targets` (class indices), by `method`."""
+        """Saliency maps in [0, 1], [N, S, S], of `targets` (class indices), by `method`; the
+        CAM family at `saliency.overlay_stage` (the deepest stage with a map of at least 7x7)."""
         import jax.numpy as jnp
 
         from sipak_jax import preprocessing, saliency
@@ -228,7 +210,10 @@ class Predictor:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
                 tgt = np.concatenate([tgt, np.zeros(pad, np.int32)])
             x = preprocessing.normalize(jnp.asarray(chunk), self.spec)
-            result = saliency.explain(self._saliency_fns, x, method, target=tgt, spec=self.spec)
+            stage = saliency.overlay_stage(self._saliency_fns, self.image_size)
+            result = saliency.explain(
+                self._saliency_fns, x, method, target=tgt, stage=stage, spec=self.spec
+            )
             out.append(np.asarray(result.normalized)[:n])
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size))
 
@@ -237,34 +222,42 @@ class Predictor:
 # Rows.
 
 
-def reading(probs: np.ndarray, class_names: Sequence[str]) -> dict:
-    """The clinical fields of one prediction (probabilities [K] in `class_names` order)."""
+def _view_label(probs: np.ndarray, taxonomy: Taxonomy, view: str) -> str | None:
+    """The group of `view` with the largest summed probability; None without that view."""
+    from sipak_jax.metrics import grouped_probabilities
+
+    if view not in taxonomy.views:
+        return None
+    names = taxonomy.view_names(view)
+    grouped = grouped_probabilities(probs[None], taxonomy.view_labels(view), len(names))
+    return names[int(np.argmax(grouped[0]))]
+
+
+def reading(probs: np.ndarray, taxonomy: Taxonomy | Sequence[str]) -> dict:
+    """The fields of one prediction (probabilities [K] in the taxonomy's class order): the
+    label and what it means under `taxonomy` (module docstring). Plain class names are a
+    taxonomy without clinical meaning."""
+    from sipak_jax.metrics import abnormal_probabilities
+
+    taxonomy = as_taxonomy(taxonomy)
     probs = np.asarray(probs, dtype=np.float64)
     idx = int(np.argmax(probs))
+    label = taxonomy.class_names[idx]
     row = {
-        "label": str(class_names[idx]),
+        "label": label,
         "label_index": idx,
         "probabilities": [float(p) for p in probs],
-        "class_names": list(class_names),
-        "label_3class": None,
-        "label_2class": None,
+        "class_names": list(taxonomy.class_names),
+        "label_3class": _view_label(probs, taxonomy, "3class"),
+        "label_2class": _view_label(probs, taxonomy, "2class"),
         "p_abnormal": None,
         "flagged": None,
-        "bethesda": None,
+        "bethesda": taxonomy.reading(label) or NO_READING,
     }
-    if tuple(class_names) == classes.CLASS_NAMES:
-        from sipak_jax.metrics import grouped_probabilities
-
-        p3 = grouped_probabilities(probs[None], classes.LABEL_3CLASS, len(classes.CLASS_NAMES_3))
-        p2 = grouped_probabilities(probs[None], classes.LABEL_2CLASS, len(classes.CLASS_NAMES_2))
-        label2 = classes.CLASS_NAMES_2[int(np.argmax(p2[0]))]
-        row.update(
-            label_3class=classes.CLASS_NAMES_3[int(np.argmax(p3[0]))],
-            label_2class=label2,
-            p_abnormal=float(p2[0, classes.CLASS_NAMES_2.index("abnormal")]),
-            flagged=label2 == "abnormal",
-            bethesda=classes.BETHESDA[row["label"]],
-        )
+    if taxonomy.abnormal:
+        normal_abnormal = abnormal_probabilities(probs[None], taxonomy)[0]
+        row["p_abnormal"] = float(normal_abnormal[1])
+        row["flagged"] = bool(np.argmax(normal_abnormal) == 1)
     return row
 
 
@@ -322,7 +315,9 @@ def predict_files(
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         for start in range(0, len(paths), step):
             batch_paths = list(paths[start : start + step])
-            decoded = list(pool.map(lambda p: _read(p, predictor.spec, bool(explain)), batch_paths))
+            decoded = list(
+                pool.map(lambda p: read_for_model(p, predictor.spec, bool(explain)), batch_paths)
+            )
             ok = [i for i, d in enumerate(decoded) if d[0] is not None]
             probs = (
                 predictor.probabilities(np.stack([decoded[i][0] for i in ok]))
@@ -339,7 +334,7 @@ def predict_files(
                     rows.append({"path": path, "error": decoded[i][2]})
                     continue
                 j = by_index[i]
-                row = {"path": path, **reading(probs[j], predictor.class_names)}
+                row = {"path": path, **reading(probs[j], predictor.taxonomy)}
                 row["temperature"] = predictor.temperature
                 row["overlay"] = None
                 if maps is not None:
@@ -385,27 +380,19 @@ def write_rows(rows: Sequence[dict], output: str, class_names: Sequence[str], ov
         raise ValueError(f"--output must end in .jsonl or .csv, got {output!r}")
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; choose another --output or pass --overwrite")
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            if ext == ".jsonl":
-                for row in rows:
-                    f.write(json.dumps(row, allow_nan=False) + "\n")
-            else:
-                fields = _csv_fields(class_names)
-                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-                writer.writeheader()
-                for row in rows:
-                    flat = {k: row.get(k) for k in fields}
-                    for name, p in zip(class_names, row.get("probabilities") or (), strict=False):
-                        flat[f"p_{name}"] = repr(float(p))
-                    writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with fileio.atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        if ext == ".jsonl":
+            for row in rows:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        else:
+            fields = _csv_fields(class_names)
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                flat = {k: row.get(k) for k in fields}
+                for name, p in zip(class_names, row.get("probabilities") or (), strict=False):
+                    flat[f"p_{name}"] = repr(float(p))
+                writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -419,6 +406,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", default=None, help="saliency method for overlays, e.g. gradcam")
     p.add_argument("--overlays", default=None, help="directory for the overlay PNGs")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--verbosity", type=int, default=0, help="1: show the libraries' log lines")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     return p
 
@@ -426,6 +414,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 some file failed, 2 usage error)."""
     args = _parser().parse_args(argv)
+    from sipak_jax import console
+
+    console.quiet_libraries(args.verbosity)
     ext = os.path.splitext(args.output)[1].lower()
     if ext not in OUTPUT_FORMATS:
         print(f"error: --output must end in .jsonl or .csv, got {args.output!r}", file=sys.stderr)
@@ -468,8 +459,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sipak_jax.model_io import load_model_dir
 
-    model, metadata = load_model_dir(args.checkpoint)
-    predictor = Predictor(model, metadata, batch_size=args.batch_size)
+    try:
+        model, metadata = load_model_dir(args.checkpoint)
+        predictor = Predictor(model, metadata, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError, console.UserError) as e:
+        print(f"error: --checkpoint={args.checkpoint}: {e}", file=sys.stderr)
+        return 2
     files = [e for e in entries if isinstance(e, str)]
     predicted = iter(
         predict_files(

@@ -133,16 +133,19 @@ def _check_crop(crop: np.ndarray, what: str = "crop") -> None:
 
 
 def border_colour(crop: np.ndarray) -> np.ndarray:
-    """Per-channel median of the crop's outermost pixel ring, uint8 [3].
+    """Per-channel lower median of the crop's outermost pixel ring, uint8 [3].
 
     In a SIPaKMeD crop (cell bounding box plus about 10 px) the ring is mostly slide
-    background; the median ignores the odd neighbouring cell that touches the edge.
+    background; the median ignores the odd neighbouring cell that touches the edge. The ring
+    has an even number of pixels (2W + 2(H-2)), so the median is the lower of the two middle
+    values (the ((n-1)//2)-th smallest): a colour that occurs in the ring, never an average.
+    `sipak_jax.augment.border_colour` computes the same statistic in jnp (tested).
     """
     _check_crop(crop)
     ring = np.concatenate(
         [crop[0], crop[-1], crop[1:-1, 0], crop[1:-1, -1]], axis=0
     )  # [2W + 2(H-2), 3]
-    return np.median(ring, axis=0).round().astype(np.uint8)
+    return np.sort(ring, axis=0)[(len(ring) - 1) // 2].astype(np.uint8)
 
 
 def pad_to_square(crop: np.ndarray, colour=None) -> np.ndarray:

@@ -17,7 +17,7 @@ What it reads from the workdir (written by `sipak_jax.train`):
 - `results.json` (required):
     fold: int                  the test fold
     best_step, best_epoch      the checkpoint evaluated; selection: how it was chosen (str)
-    class_names: [str]         label index order (`classes.CLASS_NAMES` for SIPaKMeD)
+    class_names: [str]         label index order (what they mean: the model's taxonomy, below)
     validation, test: dict     `metrics.classification_metrics` output (+ `loss`)
     calibration: dict          `calibration.calibration_summary` output, plus optional
                                `diagram` (a PNG file name in the workdir)
@@ -30,12 +30,11 @@ What it reads from the workdir (written by `sipak_jax.train`):
   `temperature` and `dataset`: {data_dir, manual_dir}), `cv_results.json` (fold=all: in the
   parent of the fold directories `DIR/fold<k>/`): optional.
 
-Grad-CAM overlays of the selected calls are computed here (they are not files of the run):
-the model is loaded from the workdir (`model_io.load_model_dir`) and each call's original
-crop is read by its `file_name` under the first folder that holds it: `images_dir`, the
-run's `manual_dir` (metadata `dataset` or config), or the synthetic build's `raw/` folder.
-When that is impossible (no images at hand, no checkpoint) the section lists the calls and
-says why there are no overlays.
+- `artifacts/index.json` and its PNGs (`sipak_jax.run_artifacts`, written when the run ends):
+  the overlays of the selected calls and where each map was computed (method, layer, map
+  size, input size), which the page states under each overlay. The report only renders: it
+  loads no model and imports no JAX. Without stored overlays the section lists the calls and
+  says how to compute them (`python -m sipak_jax.run_artifacts --workdir=DIR`).
 
 Output: `workdir/report.html` by default. An existing file is replaced only when it is a report
 this module wrote (it carries `<meta name="generator" content="sipak_jax.report">`); any other
@@ -57,13 +56,14 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from sipak_jax import classes
+from sipak_jax import fileio, run_artifacts
+from tfds_sipakmed.taxonomy import NO_READING, Taxonomy, for_class_names
 
 GENERATOR = "sipak_jax.report"
 _MARKER = f'<meta name="generator" content="{GENERATOR}">'
-DEFAULT_CALLS = 4
+DEFAULT_CALLS = run_artifacts.DEFAULT_CALLS
 
-__all__ = ["main", "read_predictions", "select_calls", "write_report"]
+__all__ = ["main", "map_description", "read_predictions", "write_report"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,134 +156,34 @@ def read_predictions(path: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The calls to show with overlays.
+# The calls to show, with the overlays the run stored (`sipak_jax.run_artifacts`).
 
 
-def _p_abnormal(probs, class_names) -> float | None:
-    if tuple(class_names) != classes.CLASS_NAMES:
-        return None
-    return float(np.sum(np.asarray(probs, np.float64)[list(classes.ABNORMAL)]))
-
-
-def select_calls(predictions: Sequence[dict], class_names, k: int = DEFAULT_CALLS) -> dict:
-    """The abnormal calls of the test fold worth a look.
-
-    An abnormal call is a prediction whose 2-class reading is abnormal (summed Koilocytotic +
-    Dyskeratotic probability above the NILM sum, i.e. above 0.5). `confident`: the `k` with the
-    highest abnormal probability; `doubtful`: the `k` closest to the 0.5 threshold (not among
-    the confident ones). Ties are broken by `index`. Returns {"confident": [...],
-    "doubtful": [...], "num_calls": int}, each entry the prediction dict plus `p_abnormal`.
-    """
-    calls = []
-    for p in predictions:
-        pa = _p_abnormal(p.get("probabilities", ()), class_names)
-        if pa is not None and pa > 0.5:
-            calls.append({**p, "p_abnormal": pa})
-    by_conf = sorted(calls, key=lambda c: (-c["p_abnormal"], c.get("index", 0)))
-    confident = by_conf[:k]
-    chosen = {id(c) for c in confident}
-    rest = [c for c in calls if id(c) not in chosen]
-    doubtful = sorted(rest, key=lambda c: (c["p_abnormal"], c.get("index", 0)))[:k]
-    return {"confident": confident, "doubtful": doubtful, "num_calls": len(calls)}
-
-
-def _image_roots(
-    workdir: str, config: dict | None, metadata: dict | None, images_dir: str | None
-) -> list[str]:
-    """Folders that may hold the crops named by `file_name`, most specific first."""
-    roots = []
-    if images_dir:
-        roots.append(os.path.expanduser(images_dir))
-    dataset = (metadata or {}).get("dataset") or {}
-    if dataset.get("manual_dir"):  # the raw tree training read (or built TFDS from)
-        roots.append(os.path.expanduser(dataset["manual_dir"]))
-    if dataset.get("data_dir"):  # a synthetic build: <root>/tfds next to <root>/raw
-        roots.append(os.path.join(os.path.dirname(os.path.expanduser(dataset["data_dir"])), "raw"))
-    config = config or {}
-    if config.get("manual_dir"):
-        roots.append(os.path.expanduser(config["manual_dir"]))
-    synthetic = config.get("synthetic") or {}
-    if isinstance(synthetic, dict) and int(synthetic.get("cells_per_class") or 0) > 0:
-        root = os.path.expanduser(config["data_dir"]) if config.get("data_dir") else None
-        roots.append(os.path.join(root or os.path.join(workdir, "data"), "raw"))
-        roots.append(os.path.join(os.path.dirname(os.path.abspath(workdir)), "data", "raw"))
-    seen, out = set(), []
-    for r in roots:
-        if r and r not in seen:
-            seen.add(r)
-            out.append(r)
+def _stored_overlays(workdir: str, index: dict | None) -> dict:
+    """{test index: index entry} of the overlays in workdir/artifacts whose PNG exists."""
+    out = {}
+    for entry in (index or {}).get("images", []):
+        if os.path.isfile(run_artifacts.image_path(workdir, entry)):
+            out[int(entry["index"])] = entry
     return out
 
 
-def _find_image(file_name: str, roots: Sequence[str]) -> str | None:
-    parts = file_name.replace("\\", "/").split("/")
-    if ".." in parts or file_name.startswith("/"):
-        return None  # results.json names files inside the dataset, never outside it
-    for root in roots:
-        candidates = [os.path.join(root, *parts)]
-        if len(parts) > 1:  # mirrors (Kaggle) nest each class folder once more
-            candidates.append(os.path.join(root, parts[0], *parts))
-        for c in candidates:
-            if os.path.isfile(c):
-                return c
-    return None
+def _png_file_uri(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(b"\x89PNG"):
+        raise ValueError(f"{path} is not a PNG file")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def call_overlays(
-    workdir: str,
-    calls: Sequence[dict],
-    config: dict | None,
-    images_dir: str | None = None,
-    method: str = "gradcam",
-    metadata: dict | None = None,
-) -> tuple[dict, str | None]:
-    """({index: overlay uint8 RGB on the original crop}, None) or ({}, why not).
-
-    Loads the model from `workdir` and explains each call's predicted class."""
-    if not calls:
-        return {}, None
-    roots = _image_roots(workdir, config, metadata, images_dir)
-    if not roots:
-        return {}, (
-            "no image folder is known (the run names no manual_dir); rerun with "
-            "--images_dir=DIR, the folder holding im_<Class>/CROPPED/*.bmp"
-        )
-    found = {}
-    missing = []
-    for c in calls:
-        path = _find_image(str(c.get("file_name", "")), roots)
-        if path is None:
-            missing.append(str(c.get("file_name")))
-        else:
-            found[int(c["index"])] = (path, int(np.argmax(c["probabilities"])))
-    if not found:
-        return {}, (
-            f"the crops were not found under {', '.join(roots)} (looked for "
-            f"{', '.join(missing[:3])}); rerun with --images_dir=DIR"
-        )
-    try:
-        from sipak_jax import model_io, preprocessing
-        from sipak_jax.predict import Predictor, overlay_on_original
-
-        model, metadata = model_io.load_model_dir(workdir)
-        predictor = Predictor(model, metadata, batch_size=len(found))
-        originals, inputs, targets, order = [], [], [], []
-        for index, (path, target) in found.items():
-            rgb = preprocessing.read_image(path)
-            originals.append(rgb)
-            inputs.append(preprocessing.preprocess_image(rgb, predictor.spec))
-            targets.append(target)
-            order.append(index)
-        maps = predictor.explain(np.stack(inputs), method, np.asarray(targets))
-        policy = predictor.spec.get("resize", preprocessing.DEFAULT_RESIZE)
-        out = {
-            index: overlay_on_original(originals[i], maps[i], policy)
-            for i, index in enumerate(order)
-        }
-    except Exception as e:  # noqa: BLE001 - the report must still be written
-        return {}, f"Grad-CAM could not be computed: {type(e).__name__}: {e}"
-    note = f"{len(missing)} crop(s) not found: {', '.join(missing[:5])}" if missing else None
-    return out, note
+def map_description(entry: dict) -> str:
+    """Where a map was computed, e.g. "Grad-CAM at layer2, 8x8 map on a 64 px input"."""
+    title = entry.get("method_title") or entry.get("method") or "saliency"
+    h, w = (entry.get("map_size") or ["?", "?"])[:2]
+    size = entry.get("input_size", "?")
+    if entry.get("layer"):
+        return f"{title} at {entry['layer']}, {h}x{w} map on a {size} px input"
+    return f"{title}, {h}x{w} map on a {size} px input"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,15 +361,18 @@ def _section_summary(results: dict) -> str:
     )
 
 
-def _section_per_class(results: dict) -> str:
+def _view_title(view: str) -> str:
+    """The view "3class" as "3 classes"; other view names as they are."""
+    return f"{view[:-5]} classes" if view.endswith("class") and view[:-5].isdigit() else view
+
+
+def _section_per_class(results: dict, taxonomy: Taxonomy) -> str:
     test = results["test"]
-    names = test.get("class_names") or results.get("class_names") or []
-    sipak = tuple(names) == classes.CLASS_NAMES
+    views = list(taxonomy.views)
     head = ["class", "precision", "recall", "F1", "ROC-AUC", "support"]
-    if sipak:
-        head += ["3-class", "2-class", "Bethesda reading"]
+    head += [_view_title(v) for v in views] + ["clinical reading"]
     rows = []
-    for n in names:
+    for n in taxonomy.class_names:
         pc = (test.get("per_class") or {}).get(n, {})
         row = [
             _e(n),
@@ -479,14 +382,11 @@ def _section_per_class(results: dict) -> str:
             _fmt(pc.get("roc_auc")),
             _fmt(pc.get("support")),
         ]
-        if sipak:
-            row += [
-                _e(classes.TO_3CLASS[n]),
-                _e(classes.TO_2CLASS[n]),
-                _e(classes.BETHESDA[n]),
-            ]
+        row += [_e(taxonomy.views[v]["of"][n]) for v in views]
+        row.append(_e(taxonomy.reading(n) or NO_READING))
         rows.append(row)
-    out = '<h2 id="per-class">Per class (test fold)</h2>' + _table(head, rows, {0, 6, 7, 8})
+    left = {0, *range(6, len(head))}
+    out = '<h2 id="per-class">Per class (test fold)</h2>' + _table(head, rows, left)
     out += (
         '<p class="muted">Precision is undefined (&ndash;) for a class never predicted, recall '
         "for a class with no test cell.</p>"
@@ -494,21 +394,34 @@ def _section_per_class(results: dict) -> str:
     return out
 
 
-def _section_confusion(results: dict) -> str:
+def _groupings(taxonomy: Taxonomy) -> str:
+    """One sentence per view: which classes each group holds."""
+    parts = []
+    for view, spec in taxonomy.views.items():
+        groups = "; ".join(
+            f"{g} = {', '.join(c for c in taxonomy.class_names if spec['of'][c] == g)}"
+            for g in spec["names"]
+        )
+        parts.append(f"{_view_title(view)}: {groups}.")
+    return f"<p>Groupings (the model's taxonomy): {_e(' '.join(parts))}</p>" if parts else ""
+
+
+def _section_confusion(results: dict, taxonomy: Taxonomy) -> str:
     from sipak_jax.metrics import confusion_matrix_image
 
     test = results["test"]
-    names = test.get("class_names") or results.get("class_names")
+    names = list(taxonomy.class_names)
     figs = []
     cm = test.get("confusion_matrix")
     if cm is not None:
-        img = confusion_matrix_image(cm, names, title="5 classes")
+        title = f"{len(names)} classes"
+        img = confusion_matrix_image(cm, names, title=title)
         figs.append(
-            f"<figure>{_img(png_data_uri(img), '5-class confusion matrix', 'cm')}"
+            f"<figure>{_img(png_data_uri(img), f'{title} confusion matrix', 'cm')}"
             "<figcaption>Rows: true class; columns: predicted. Shade and percentage: share of "
             "the row.</figcaption></figure>"
         )
-    for key, title in (("view_3class", "3 classes"), ("view_2class", "2 classes")):
+    for key, title in ((f"view_{v}", _view_title(v)) for v in taxonomy.views):
         view = test.get(key)
         if view:
             img = confusion_matrix_image(view["confusion_matrix"], view["class_names"], title=title)
@@ -518,28 +431,24 @@ def _section_confusion(results: dict) -> str:
                 f"<figcaption>{title}: accuracy {acc}; probabilities summed per group."
                 "</figcaption></figure>"
             )
-    mapping = ""
-    if tuple(names or ()) == classes.CLASS_NAMES:
-        mapping = (
-            "<p>Groupings: normal = Superficial-Intermediate, Parabasal; benign = Metaplastic; "
-            "abnormal = Koilocytotic, Dyskeratotic (the dataset's 3 classes). In the 2-class "
-            "view <b>Metaplastic counts as normal (NILM)</b>; some public code counts it "
-            "abnormal.</p>"
-        )
     return (
         '<h2 id="confusion">Confusion matrices</h2>'
-        + mapping
+        + _groupings(taxonomy)
         + f'<div class="grid">{"".join(figs)}</div>'
     )
 
 
-def _section_abnormal(results: dict) -> str:
+def _section_abnormal(results: dict, taxonomy: Taxonomy) -> str:
     avn = (results["test"] or {}).get("abnormal_vs_nilm")
-    if not avn:
-        return (
-            '<h2 id="abnormal">Abnormal vs NILM</h2><p class="note">Not available: the model '
-            "does not predict the SIPaKMeD classes.</p>"
+    if not taxonomy.abnormal or not avn:
+        why = (
+            f"{NO_READING}: the model's taxonomy names no abnormal class"
+            if not taxonomy.abnormal
+            else "results.json holds no abnormal-vs-normal figures"
         )
+        return f'<h2 id="abnormal">Abnormal vs NILM</h2><p class="note">Not available: {why}.</p>'
+    abnormal = ", ".join(taxonomy.abnormal)
+    normal = ", ".join(n for n in taxonomy.class_names if n not in taxonomy.abnormal)
     rows = [
         ["Sensitivity (abnormal cells called abnormal)", _fmt(avn.get("sensitivity"), pct=True),
          f"{_fmt(avn.get('tp'))} of {_fmt((avn.get('tp') or 0) + (avn.get('fn') or 0))}"],
@@ -552,10 +461,9 @@ def _section_abnormal(results: dict) -> str:
     return (
         '<h2 id="abnormal">Abnormal vs NILM</h2>'
         + _table(["", "value", "count"], rows)
-        + '<p class="muted">Abnormal = Koilocytotic (LSIL, HPV effect) + Dyskeratotic (LSIL '
-        "spectrum / ASC-US); NILM = Superficial-Intermediate, Parabasal, Metaplastic. A call "
-        "is abnormal when the summed abnormal probability exceeds 0.5. False negatives are "
-        "the costly errors.</p>"
+        + f'<p class="muted">Abnormal = {_e(abnormal)}; NILM (normal) = {_e(normal or "none")}. '
+        "A call is abnormal when the summed abnormal probability exceeds 0.5. False negatives "
+        "are the costly errors.</p>"
     )
 
 
@@ -563,7 +471,10 @@ def _section_calibration(workdir: str, results: dict) -> str:
     cal = results.get("calibration")
     out = '<h2 id="calibration">Calibration</h2>'
     if not cal:
-        return out + '<p class="note">No calibration in results.json (config.calibrate off?).</p>'
+        return out + (
+            '<p class="note">No calibration in results.json ("calibration" not in '
+            "config.evaluators?).</p>"
+        )
     t = cal.get("temperature")
     rows = []
     for split in ("validation", "test"):
@@ -615,58 +526,104 @@ def _section_calibration(workdir: str, results: dict) -> str:
     )
 
 
-def _call_cards(calls, overlays, class_names) -> str:
+def _call_picture(workdir: str, c: dict, entry: dict | None) -> str:
+    if entry is None:
+        return '<div class="muted">(no overlay)</div>'
+    try:
+        uri = _png_file_uri(run_artifacts.image_path(workdir, entry))
+    except (OSError, ValueError) as e:
+        return f'<div class="muted">(overlay unreadable: {_e(e)})</div>'
+    where = map_description(entry)
+    if entry.get("blank"):
+        where += ": no positive evidence at this layer (the picture is the cell alone)"
+    alt = f"{map_description(entry)} of {c.get('file_name')}"
+    return _img(uri, alt, "cell") + f'<br><span class="muted">{_e(where)}</span>'
+
+
+def _call_cards(workdir, calls, overlays, taxonomy) -> str:
+    names = taxonomy.class_names
     cards = []
     for c in calls:
-        pred = class_names[int(np.argmax(c["probabilities"]))]
-        true = class_names[int(c["label"])] if c.get("label") is not None else "?"
-        right = classes.TO_2CLASS.get(true) == "abnormal"
+        pred = names[int(np.argmax(c["probabilities"]))]
+        label = c.get("label")
+        true = names[int(label)] if label is not None else "?"
         verdict = (
             '<span class="good">truly abnormal</span>'
-            if right
+            if true in taxonomy.abnormal
             else '<span class="bad">false positive</span>'
         )
-        overlay = overlays.get(int(c["index"]))
-        picture = (
-            _img(png_data_uri(overlay), f"Grad-CAM of {c.get('file_name')}", "cell")
-            if overlay is not None
-            else '<div class="muted">(no overlay)</div>'
-        )
+        picture = _call_picture(workdir, c, overlays.get(int(c["index"])))
         cards.append(
             f"<figure>{picture}<figcaption><b>{_e(pred)}</b> &middot; p(abnormal) "
             f"{_fmt(c['p_abnormal'], 3)}<br>true: {_e(true)} &middot; {verdict}<br>"
             f'<span class="muted">{_e(c.get("file_name", ""))}</span><br>'
-            f"{_e(classes.BETHESDA.get(pred, ''))}</figcaption></figure>"
+            f"{_e(taxonomy.reading(pred) or '')}</figcaption></figure>"
         )
     return f'<div class="grid">{"".join(cards)}</div>' if cards else "<p>None.</p>"
 
 
-def _section_calls(workdir, results, config, metadata, images_dir, with_overlays, k) -> str:
+def _call_overlays(workdir: str, calls: list, with_overlays: bool) -> tuple[dict, list[str]]:
+    """({test index: artifacts index entry}, notes) for the selected calls."""
+    if not with_overlays:
+        return {}, ["overlays not requested (--nooverlays)"]
+    try:
+        index = run_artifacts.read_index(workdir)
+    except ValueError as e:
+        return {}, [str(e)]
+    if index is None:
+        return {}, [
+            f"this run stored none ({run_artifacts.ARTIFACTS_DIR}/{run_artifacts.INDEX_FILE} "
+            "is missing); compute them once with python -m sipak_jax.run_artifacts "
+            f"--workdir={workdir}"
+        ]
+    stored = _stored_overlays(workdir, index)
+    found = {int(c["index"]): stored[int(c["index"])] for c in calls if int(c["index"]) in stored}
+    notes = []
+    missing = [m.get("file_name") or str(m.get("index")) for m in index.get("missing", [])]
+    if missing:
+        notes.append(f"no image was found for {len(missing)} cell(s): {', '.join(missing[:5])}")
+    if len(found) < len(calls):
+        notes.append(
+            f"{len(calls) - len(found)} of the {len(calls)} calls shown have no stored overlay "
+            f"(the run stored {len(stored)})"
+        )
+    return found, notes
+
+
+def _calls_intro(num_calls: int, overlays: dict) -> str:
+    text = f"<p>{num_calls} test cells were called abnormal."
+    where = sorted({map_description(e) for e in overlays.values()})
+    if where:
+        e = next(iter(overlays.values()))
+        h, w = (e.get("map_size") or [0, 0])[:2]
+        cell = f"{int(e['input_size']) // max(int(h), 1)} px" if e.get("input_size") else "?"
+        text += (
+            f" Each overlay is a map of the predicted class's evidence ({_e('; '.join(where))}"
+            f"), drawn over the cell: warm colours mark the regions that raised the call, "
+            f"located only as finely as the map resolves (one map cell spans about {cell} of "
+            "the network's input)."
+        )
+    return text + "</p>"
+
+
+def _section_calls(workdir, results, taxonomy: Taxonomy, with_overlays, k) -> str:
     out = '<h2 id="calls">Abnormal calls: the most confident and the most doubtful</h2>'
-    names = results.get("class_names") or (results["test"].get("class_names"))
     preds = results.get("predictions")
-    if tuple(names or ()) != classes.CLASS_NAMES:
-        return out + '<p class="note">Not available: not the SIPaKMeD classes.</p>'
+    if not taxonomy.abnormal:
+        return out + (
+            f'<p class="note">Not available: {NO_READING}: the model\'s taxonomy names no '
+            "abnormal class.</p>"
+        )
     if not preds:
         return out + '<p class="note">results.json holds no per-example predictions.</p>'
-    sel = select_calls(preds, names, k)
-    overlays, note = {}, None
-    if with_overlays:
-        overlays, note = call_overlays(
-            workdir, sel["confident"] + sel["doubtful"], config, images_dir, metadata=metadata
-        )
-    else:
-        note = "overlays not requested (--nooverlays)"
-    out += (
-        f"<p>{sel['num_calls']} test cells were called abnormal. Grad-CAM (the predicted "
-        "class's evidence at the last ResNet stage) is drawn over each original crop: warm "
-        "colours mark the regions that raised the call.</p>"
-    )
-    if note:
-        out += f'<p class="note">Grad-CAM overlays: {_e(note)}</p>'
-    out += "<h3>Most confident</h3>" + _call_cards(sel["confident"], overlays, names)
+    sel = run_artifacts.select_calls(preds, taxonomy, k)
+    overlays, notes = _call_overlays(workdir, sel["confident"] + sel["doubtful"], with_overlays)
+    out += _calls_intro(sel["num_calls"], overlays)
+    for note in notes:
+        out += f'<p class="note">Overlays: {_e(note)}</p>'
+    out += "<h3>Most confident</h3>" + _call_cards(workdir, sel["confident"], overlays, taxonomy)
     out += "<h3>Most doubtful (nearest the 0.5 threshold)</h3>"
-    out += _call_cards(sel["doubtful"], overlays, names)
+    out += _call_cards(workdir, sel["doubtful"], overlays, taxonomy)
     return out
 
 
@@ -725,7 +682,7 @@ def _section_predictions(rows: list[dict], source: str, max_thumbs: int = 500) -
         "2-class",
         "p(abnormal)",
         "top p",
-        "Bethesda reading",
+        "clinical reading",
     ]
     body, thumbs = [], 0
     for r in ok:
@@ -783,11 +740,30 @@ def _section_predictions(rows: list[dict], source: str, max_thumbs: int = 500) -
 # The page.
 
 
+def _read_metadata(workdir: str, notes: list[str]):
+    """The run's `model_io.ModelMetadata` (the one reader of metadata.json), or None with a
+    note when it is missing or unusable."""
+    from sipak_jax import model_io
+
+    try:
+        return model_io.read_metadata(workdir)
+    except (FileNotFoundError, ValueError) as e:
+        notes.append(str(e))
+        return None
+
+
+def _run_taxonomy(results: dict, metadata, notes: list[str]) -> Taxonomy:
+    """The model's taxonomy from its metadata; for a run without one (older or damaged), the
+    known taxonomy of results.json's class names, or those names alone."""
+    if metadata is not None and metadata.taxonomy is not None:
+        return metadata.taxonomy
+    return for_class_names(results.get("class_names") or results["test"]["class_names"])
+
+
 def render_report(
     workdir: str,
     predictions: str | None = None,
     *,
-    images_dir: str | None = None,
     overlays: bool = True,
     num_calls: int = DEFAULT_CALLS,
 ) -> str:
@@ -816,27 +792,29 @@ def render_report(
         raise ValueError(f"{results_path} has no 'test' metrics dict; is it a sipak_jax run?")
     notes: list[str] = []
     config = _optional_json(os.path.join(workdir, "config.json"), notes)
-    metadata = _optional_json(os.path.join(workdir, "metadata.json"), notes)
+    metadata = _read_metadata(workdir, notes)
     cv = _optional_json(os.path.join(workdir, "cv_results.json"), notes) or _optional_json(
         os.path.join(os.path.dirname(os.path.abspath(workdir)), "cv_results.json"), notes
     )
     pred_rows = read_predictions(predictions) if predictions else None
+    taxonomy = _run_taxonomy(results, metadata, notes)
 
     sections = [
-        _section_run(workdir, results, config, metadata, cv),
+        _section_run(workdir, results, config, metadata and metadata.to_dict(), cv),
         _section_summary(results),
-        _section_per_class(results),
-        _section_confusion(results),
-        _section_abnormal(results),
+        _section_per_class(results, taxonomy),
+        _section_confusion(results, taxonomy),
+        _section_abnormal(results, taxonomy),
         _section_calibration(workdir, results),
-        _section_calls(workdir, results, config, metadata, images_dir, overlays, num_calls),
+        _section_calls(workdir, results, taxonomy, overlays, num_calls),
         _section_shortcuts(results),
     ]
     if pred_rows is not None:
         sections.append(_section_predictions(pred_rows, predictions))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     notes_html = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
-    title = f"SIPaKMeD cell classification: test fold {results.get('fold', '?')}"
+    dataset = {"sipakmed": "SIPaKMeD"}.get(taxonomy.dataset, taxonomy.dataset) or "Cell"
+    title = f"{dataset} cell classification: test fold {results.get('fold', '?')}"
     nav = " &middot; ".join(
         f'<a href="#{a}">{t}</a>'
         for a, t in [
@@ -866,7 +844,6 @@ def write_report(
     predictions: str | None = None,
     *,
     output: str | None = None,
-    images_dir: str | None = None,
     overlays: bool = True,
     num_calls: int = DEFAULT_CALLS,
 ) -> str:
@@ -882,15 +859,8 @@ def write_report(
                 f"{output} exists and was not written by {GENERATOR}; not replacing it. "
                 "Choose another --output or move the file."
             )
-    page = render_report(
-        workdir, predictions, images_dir=images_dir, overlays=overlays, num_calls=num_calls
-    )
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, output)
+    page = render_report(workdir, predictions, overlays=overlays, num_calls=num_calls)
+    fileio.atomic_write_text(output, page)
     return output
 
 
@@ -901,16 +871,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", required=True, help="a training workdir with results.json")
     p.add_argument("--predictions", default=None, help="a sipak_jax.predict .jsonl or .csv")
     p.add_argument("--output", default=None, help="HTML file (default WORKDIR/report.html)")
-    p.add_argument("--images_dir", default=None, help="folder with im_<Class>/CROPPED/*.bmp")
-    p.add_argument("--nooverlays", action="store_true", help="skip the Grad-CAM overlays")
+    p.add_argument("--nooverlays", action="store_true", help="leave out the stored overlays")
     p.add_argument("--num_calls", type=int, default=DEFAULT_CALLS)
+    p.add_argument("--verbosity", type=int, default=0, help="1: show the libraries' log lines")
     args = p.parse_args(argv)
+    from sipak_jax import console
+
+    console.quiet_libraries(args.verbosity)
     try:
         path = write_report(
             args.workdir,
             args.predictions,
             output=args.output,
-            images_dir=args.images_dir,
             overlays=not args.nooverlays,
             num_calls=args.num_calls,
         )

@@ -53,6 +53,66 @@ def _method_options(method, ig_steps, baseline):
     return {}
 
 
+def _batches(n: int, batch_size: int):
+    return [slice(i, i + batch_size) for i in range(0, n, batch_size)]
+
+
+def _maps_for(fns, x, method, pred, spec, opts, batch_size, rng):
+    """(maps [N,S,S], info) of `method` for the predicted classes; the random reference map
+    for `RANDOM`. IG's completeness gap is summarised in `info`."""
+    if method == RANDOM:
+        return rng.uniform(size=x.shape[:3]).astype(np.float32), {}
+    from sipak_jax import saliency
+
+    parts, gaps = [], []
+    for b in _batches(len(x), batch_size):
+        r = saliency.explain(fns, x[b], method, target=pred[b], spec=spec, **opts)
+        parts.append(r.maps)
+        if "gap" in r.info:
+            gaps.append(np.asarray(r.info["gap"]))
+    info = {}
+    if gaps:
+        g = np.concatenate(gaps)
+        info["ig_completeness_gap"] = {
+            "median": float(np.median(g)),
+            "max": float(np.max(g)),
+            "share_within_5pct": float(np.mean(g <= 0.05)),
+        }
+    return np.concatenate(parts), info
+
+
+def _faithfulness(fns, x, maps, pred, batch_size, road_examples, seed) -> dict:
+    """Deletion / insertion AUC over every example; ROAD on the first `road_examples`."""
+    from sipak_jax.saliency import metrics
+
+    deletion, insertion = [], []
+    for b in _batches(len(x), batch_size):
+        r = metrics.deletion_insertion(fns, x[b], maps[b], pred[b])
+        deletion.append(r["deletion"])
+        insertion.append(r["insertion"])
+    out = {
+        "deletion_auc": float(np.mean(np.concatenate(deletion))),
+        "insertion_auc": float(np.mean(np.concatenate(insertion))),
+    }
+    k = min(len(x), road_examples)
+    if k:
+        ro = metrics.road(fns, x[:k], maps[:k], pred[:k], seed=seed)
+        out["road_morf"] = float(ro["morf"].mean())
+        out["road_lerf"] = float(ro["lerf"].mean())
+    return out
+
+
+def _log_method(log, method: str, out: dict) -> None:
+    a = out["localisation"].get("all", {})
+    if a:
+        log(
+            f"{method}: nucleus share {a['nucleus']['share']:.3f} (chance "
+            f"{a['nucleus']['chance']:.3f}), pointing {a['nucleus']['pointing']:.2f}; "
+            f"deletion {out['deletion_auc']:.3f} insertion {out['insertion_auc']:.3f} "
+            f"({out['seconds']} s)"
+        )
+
+
 def evaluate(
     model,
     spec,
@@ -83,15 +143,14 @@ def evaluate(
     n, size = x.shape[0], x.shape[1]
     policy = spec.get("resize", preprocessing.DEFAULT_RESIZE)
     labels = np.asarray(labels)
-    pred = np.concatenate(
-        [np.asarray(fns.predict(x[i : i + batch_size])) for i in range(0, n, batch_size)]
-    )
+    pred = np.concatenate([np.asarray(fns.predict(x[b])) for b in _batches(n, batch_size)])
     masks = [
         metrics.cell_masks(nucleus_contours[i], cytoplasm_contours[i], crop_shapes[i], size, policy)
         if valid[i]
         else None
         for i in range(n)
     ]
+    loc_idx = [i for i in range(n) if masks[i] is not None]
     rng = np.random.default_rng(seed)
     results = {
         "examples": int(n),
@@ -101,72 +160,21 @@ def evaluate(
     }
     for method in [*methods, RANDOM]:
         t0 = time.time()
-        if method == RANDOM:
-            maps = rng.uniform(size=(n, size, size)).astype(np.float32)
-            info = {}
-        else:
-            opts = _method_options(method, ig_steps, baseline)
-            parts, gaps = [], []
-            for i in range(0, n, batch_size):
-                r = saliency.explain(
-                    fns,
-                    x[i : i + batch_size],
-                    method,
-                    target=pred[i : i + batch_size],
-                    spec=spec,
-                    **opts,
-                )
-                parts.append(r.maps)
-                if "gap" in r.info:
-                    gaps.append(np.asarray(r.info["gap"]))
-            maps = np.concatenate(parts)
-            info = {}
-            if gaps:
-                g = np.concatenate(gaps)
-                info["ig_completeness_gap"] = {
-                    "median": float(np.median(g)),
-                    "max": float(np.max(g)),
-                    "share_within_5pct": float(np.mean(g <= 0.05)),
-                }
-        loc_idx = [i for i in range(n) if masks[i] is not None]
+        opts = _method_options(method, ig_steps, baseline)
+        maps, info = _maps_for(fns, x, method, pred, spec, opts, batch_size, rng)
         loc = [metrics.localisation(maps[i], masks[i]) for i in loc_idx]
         out = {"localisation": metrics.summarize_localisation(loc, labels[loc_idx], class_names)}
-        di = {"deletion": [], "insertion": []}
-        for i in range(0, n, batch_size):
-            r = metrics.deletion_insertion(
-                fns, x[i : i + batch_size], maps[i : i + batch_size], pred[i : i + batch_size]
-            )
-            di["deletion"].append(r["deletion"])
-            di["insertion"].append(r["insertion"])
-        out["deletion_auc"] = float(np.mean(np.concatenate(di["deletion"])))
-        out["insertion_auc"] = float(np.mean(np.concatenate(di["insertion"])))
-        k = min(n, road_examples)
-        if k:
-            ro = metrics.road(fns, x[:k], maps[:k], pred[:k], seed=seed)
-            out["road_morf"] = float(ro["morf"].mean())
-            out["road_lerf"] = float(ro["lerf"].mean())
+        out.update(_faithfulness(fns, x, maps, pred, batch_size, road_examples, seed))
         if method != RANDOM and sanity_examples:
             k = min(n, sanity_examples)
             rho = metrics.randomization_sanity(
-                fns,
-                x[:k],
-                method,
-                target=pred[:k],
-                **_method_options(method, ig_steps, baseline),
-                spec=spec,
+                fns, x[:k], method, target=pred[:k], **opts, spec=spec
             )
             out["randomization_spearman"] = {lvl: float(v.mean()) for lvl, v in rho.items()}
         out.update(info)
         out["seconds"] = round(time.time() - t0, 1)
         results["methods"][method] = out
-        a = out["localisation"].get("all", {})
-        if a:
-            log(
-                f"{method}: nucleus share {a['nucleus']['share']:.3f} (chance "
-                f"{a['nucleus']['chance']:.3f}), pointing {a['nucleus']['pointing']:.2f}; "
-                f"deletion {out['deletion_auc']:.3f} insertion {out['insertion_auc']:.3f} "
-                f"({out['seconds']} s)"
-            )
+        _log_method(log, method, out)
     return results
 
 
@@ -188,7 +196,7 @@ def main(argv):
         )
         return 2
     model, meta = model_io.load_model_dir(FLAGS.checkpoint)
-    spec = meta["preprocessing"]
+    spec = meta.preprocessing
     cache = input_pipeline.load_splits(
         FLAGS.data_dir,
         FLAGS.config,
@@ -207,7 +215,7 @@ def main(argv):
         cache.nucleus_contour[:n],
         cache.cytoplasm_contour[:n],
         cache.annotation_valid[:n],
-        meta.get("class_names") or [str(i) for i in range(model.num_classes)],
+        meta.class_names or [str(i) for i in range(model.num_classes)],
         FLAGS.methods,
         ig_steps=FLAGS.ig_steps,
         baseline=FLAGS.baseline,

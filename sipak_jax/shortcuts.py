@@ -1,4 +1,4 @@
-"""Shortcut controls: how far crop size alone, or colour alone, predicts the SIPaKMeD class.
+"""Shortcut controls: how far crop size alone, or colour alone, predicts the cell's class.
 
 SIPaKMeD's classes were imaged separately, so the slide background and the crop size differ
 by class (crop size alone reached about 62% on a grouped sample of the real data).
@@ -19,7 +19,8 @@ the test fold.
 
 Inputs are plain numpy arrays, so this module does not depend on the input pipeline:
 `crop_stats(image)` gives one crop's numbers (call it on the original, un-resized crop);
-`shortcut_controls(shapes, colours, labels, folds, test_fold)` returns the dict training writes
+`shortcut_controls(shapes, colours, labels, folds, test_fold, taxonomy=...)` (the model's
+taxonomy, or its class names) returns the dict training writes
 under `results.json["shortcuts"]`:
 
     {"test_fold": int, "num_train": int, "num_test": int,
@@ -38,8 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sipak_jax import classes
 from sipak_jax.metrics import classification_metrics
+from tfds_sipakmed.taxonomy import Taxonomy, as_taxonomy
 
 SIZE_FEATURES = ("height", "width", "aspect_h_over_w", "area")
 COLOUR_FEATURES = (
@@ -145,7 +146,7 @@ def shortcut_controls(
     folds,
     test_fold: int,
     *,
-    class_names: Sequence[str] = classes.CLASS_NAMES,
+    taxonomy: Taxonomy | Sequence[str],
     seed: int = 0,
 ) -> dict:
     """Train the size-only and colour-only controls on folds != `test_fold`, score on it.
@@ -156,8 +157,10 @@ def shortcut_controls(
       labels: int [N] class indices.
       folds: int [N] fold of each example (the CNN's folds).
       test_fold: the held-out fold.
+      taxonomy: the model's classes (`Taxonomy`, or the class names), for the metrics.
     Returns the `results.json["shortcuts"]` dict (module docstring).
     """
+    taxonomy = as_taxonomy(taxonomy)
     labels = np.asarray(labels, dtype=np.int64)
     folds = np.asarray(folds)
     n = labels.shape[0]
@@ -190,9 +193,9 @@ def shortcut_controls(
             controls[name] = {}
             for clf_name, make in makers.items():
                 probs = _fit_predict(
-                    make(log_cols[name]), x[train], labels[train], x[test], len(class_names)
+                    make(log_cols[name]), x[train], labels[train], x[test], taxonomy.num_classes
                 )
-                controls[name][clf_name] = classification_metrics(labels[test], probs, class_names)
+                controls[name][clf_name] = classification_metrics(labels[test], probs, taxonomy)
     return {
         "test_fold": int(test_fold),
         "num_train": int(train.sum()),

@@ -1,14 +1,22 @@
-"""What a training run reads: the dataset prepared (synthetic, TFDS build) and one
-cross-validation round's subsets with their sharded batch iterators.
+"""What a training run reads: where the dataset is (checked before anything is written), the
+dataset prepared (synthetic, TFDS build), and one cross-validation round's subsets with their
+sharded batch iterators.
 
-`prepare_dataset(config, workdir)` writes the synthetic SIPaKMeD when configured and builds
-the TFDS dataset through the real builder (TensorFlow is imported only there), or, with
-`config.use_tfds=False`, leaves the raw tree to be read directly (TF-free). `Data` wraps
-`sipak_jax.input_pipeline` for `sipak_jax.train`: the `train` / `validation` / `test` caches
-of one test fold, the batch iterators (global `jax.Array`s sharded `P('data')`), the
-examples' names, fixed validation images for overlays and the shortcut controls' inputs.
+`plan_dataset(config, workdir) -> DataPlan` only looks: it resolves `config.data_dir=''` to
+`$TFDS_DATA_DIR` or `~/tensorflow_datasets` (TFDS's own default), checks that a built dataset,
+a manual dir or a synthetic request is there, and raises `console.UserError` naming what is
+missing and the command that fixes it. `prepare_dataset(plan, workdir)` then writes what the
+plan needs: the synthetic SIPaKMeD (`config.synthetic.cells_per_class > 0`), the TFDS build of
+a manual dir (TensorFlow is imported only there), or nothing. With `config.use_tfds=False` the
+raw tree is read directly (TF-free). `Data` wraps `sipak_jax.input_pipeline` for the trainer:
+the `train` / `validation` / `test` caches of one test fold, the batch iterators (global
+`jax.Array`s sharded `P('data')`), the examples' names, fixed images for overlays and the
+shortcut controls' inputs.
 """
 
+import contextlib
+import dataclasses
+import io
 import os
 import time
 
@@ -18,63 +26,170 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sipak_jax import console, fileio
+from sipak_jax.console import UserError
 
-def prepare_dataset(config, workdir: str) -> tuple[str, str]:
-    """(TFDS data_dir, manual_dir) to read, one of them empty.
+DOWNLOAD_PAGE = "https://www.cs.uoi.gr/~marina/SIPAKMED/"
+DEMO_COMMAND = "python main.py --config=configs/demo.py --workdir=workdirs/demo"
 
-    With `config.synthetic.cells_per_class > 0` the synthetic SIPaKMeD is written first
-    (`<data_dir or WORKDIR/data>/raw`; process 0 writes, the others wait). With
-    `config.use_tfds` (the default) the raw tree (synthetic or `config.manual_dir`) is built
-    into a TFDS dataset through the real builder (needs TensorFlow) unless built already;
-    without it the raw tree is read directly (TF-free, e.g. on accelerator machines).
-    """
-    data_dir = os.path.expanduser(config.data_dir) if config.data_dir else ""
-    use_tfds = bool(config.use_tfds)
-    if config.synthetic.cells_per_class > 0:
-        root = data_dir or os.path.join(workdir, "data")
-        raw = os.path.join(root, "raw")
-        tfds_dir = os.path.join(root, "tfds")
-        marker = os.path.join(root, "BUILT")
-        if jax.process_index() == 0:
-            t0 = time.time()
-            if not os.path.isdir(raw):
-                import shutil
 
-                from tfds_sipakmed import synthetic
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+    """Where a run's data comes from. `kind`: 'tfds' (a built dataset in `data_dir`), 'build'
+    (build `manual_dir` into `data_dir` first), 'raw' (read `manual_dir` directly) or
+    'synthetic' (write one into `manual_dir`, then build it into `data_dir` unless raw)."""
 
-                partial = raw + ".partial"  # renamed when complete: a crash leaves no half tree
-                shutil.rmtree(partial, ignore_errors=True)
-                synthetic.write_synthetic(
-                    partial,
-                    cells_per_class=int(config.synthetic.cells_per_class),
-                    seed=int(config.synthetic.seed),
-                )
-                os.replace(partial, raw)
-                logging.info("synthetic SIPaKMeD written in %.1f s: %s", time.time() - t0, raw)
-            if use_tfds and not os.path.exists(marker):
-                _build_tfds(raw, tfds_dir, config.dataset_config)
-                with open(marker, "w") as f:
-                    f.write(f"synthetic cells_per_class={config.synthetic.cells_per_class}\n")
-                logging.info("TFDS dataset built in %s (%.1f s)", tfds_dir, time.time() - t0)
-        _sync("synthetic dataset ready")
-        return (tfds_dir, "") if use_tfds else ("", raw)
+    kind: str
+    data_dir: str
+    manual_dir: str
+    use_tfds: bool
+    builder_config: str
+    cells_per_class: int = 0
+    synthetic_seed: int = 0
+
+    def reads(self) -> tuple[str, str]:
+        """(TFDS data_dir, manual_dir) the input pipeline reads, one of them empty."""
+        return (self.data_dir, "") if self.use_tfds else ("", self.manual_dir)
+
+    def describe(self) -> str:
+        what = {
+            "tfds": "TFDS dataset",
+            "build": "TFDS dataset built from",
+            "raw": "raw tree",
+            "synthetic": "synthetic SIPaKMeD",
+        }[self.kind]
+        where = self.manual_dir if self.kind in ("build", "raw", "synthetic") else self.data_dir
+        return f"{what} {where}"
+
+
+def default_data_dir() -> str:
+    """TFDS's default data_dir: `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`."""
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def _path(value: str) -> str:
+    return os.path.abspath(os.path.expanduser(value)) if value else ""
+
+
+def is_built(data_dir: str, name: str, builder_config: str) -> bool:
+    """True when `data_dir` holds a built `name/builder_config/<version>` (or is one)."""
+    if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+        return True
+    config_dir = os.path.join(data_dir, name, builder_config)
+    if not os.path.isdir(config_dir):
+        return False
+    return any(
+        os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))
+        for v in os.listdir(config_dir)
+    )
+
+
+def plan_dataset(config, workdir: str) -> DataPlan:
+    """Where the data comes from; reads only. Raises UserError when it is not there."""
+    use_tfds, cfg = bool(config.use_tfds), str(config.dataset_config)
+    data_dir = _path(config.data_dir)
+    if int(config.synthetic.cells_per_class) > 0:
+        root = data_dir or os.path.join(os.path.abspath(workdir), "data")
+        return DataPlan(
+            "synthetic",
+            os.path.join(root, "tfds"),
+            os.path.join(root, "raw"),
+            use_tfds,
+            cfg,
+            int(config.synthetic.cells_per_class),
+            int(config.synthetic.seed),
+        )
     if config.manual_dir:
-        manual = os.path.expanduser(config.manual_dir)
-        if not use_tfds:
-            return "", manual
-        target = data_dir or os.path.expanduser("~/tensorflow_datasets")
-        if jax.process_index() == 0:
-            _build_tfds(manual, target, config.dataset_config)
-        _sync("dataset built")
-        return target, ""
-    return data_dir, ""
+        manual = _path(config.manual_dir)
+        _check_manual_dir(manual)
+        kind = "build" if use_tfds else "raw"
+        return DataPlan(kind, data_dir or default_data_dir(), manual, use_tfds, cfg)
+    if not use_tfds:
+        raise UserError(
+            "config.use_tfds=False reads the extracted SIPaKMeD archives directly, but "
+            "config.manual_dir is empty: pass --config.manual_dir=DIR (the folder with the five "
+            f"im_<Class> archives or folders from {DOWNLOAD_PAGE})"
+        )
+    target = data_dir or default_data_dir()
+    if not is_built(target, str(config.dataset), cfg):
+        raise _missing_dataset(config, target)
+    return DataPlan("tfds", target, "", True, cfg)
 
 
-def _build_tfds(manual_dir: str, data_dir: str, builder_config: str):
-    """Builds through the real TFDS builder (needs TensorFlow; skipped when already built)."""
+def _check_manual_dir(manual: str) -> None:
+    from tfds_sipakmed import layout  # TF-free
+
+    try:
+        layout.find_sources(manual)
+    except layout.SipakmedError as e:
+        raise UserError(f"config.manual_dir: {e}") from None
+
+
+def _missing_dataset(config, target: str) -> UserError:
+    cfg = str(config.dataset_config)
+    if config.data_dir:
+        where = f"config.data_dir={config.data_dir}"
+        if not os.path.isdir(target):
+            where += " does not exist"
+    else:
+        where = "config.data_dir='' means $TFDS_DATA_DIR or ~/tensorflow_datasets"
+    build_cfg = "" if cfg == "grouped" else f" --config={cfg}"
+    return UserError(
+        f"no built {config.dataset}/{cfg} dataset in {target} ({where}). Build it from the "
+        f"SIPaKMeD archives ({DOWNLOAD_PAGE}): python -m tfds_sipakmed.build "
+        f"--manual_dir=DIR_WITH_THE_ARCHIVES --data_dir={target}{build_cfg} ; or pass "
+        f"--config.data_dir=WHERE_IT_IS_BUILT or --config.manual_dir=DIR_WITH_THE_ARCHIVES. "
+        f"Without data, try the demo: {DEMO_COMMAND}"
+    )
+
+
+def prepare_dataset(plan: DataPlan) -> tuple[str, str]:
+    """Writes what `plan` needs (process 0; the others wait); returns (data_dir, manual_dir)
+    for the input pipeline, one of them empty."""
+    if jax.process_index() == 0:
+        t0 = time.time()
+        if plan.kind == "synthetic":
+            _write_synthetic(plan)
+        if plan.kind in ("synthetic", "build") and plan.use_tfds:
+            _build_tfds(plan)
+        if plan.kind != "tfds" and time.time() - t0 > 1:
+            console.say(f"data: prepared {plan.describe()} in {time.time() - t0:.0f} s")
+    _sync("dataset ready")
+    return plan.reads()
+
+
+def _write_synthetic(plan: DataPlan) -> None:
+    """The synthetic SIPaKMeD, written whole or not at all (renamed when complete)."""
+    if os.path.isdir(plan.manual_dir):
+        return
+    from tfds_sipakmed import synthetic
+
+    with fileio.atomic_dir(plan.manual_dir) as partial:
+        synthetic.write_synthetic(
+            partial, cells_per_class=plan.cells_per_class, seed=plan.synthetic_seed
+        )
+    logging.info("synthetic SIPaKMeD written: %s", plan.manual_dir)
+
+
+def _build_tfds(plan: DataPlan) -> None:
+    """Builds through the real TFDS builder (needs TensorFlow; reused when already built).
+    Quiet: the builder's own printout is kept back, except its warnings about real data."""
+    marker = os.path.join(os.path.dirname(plan.data_dir), "BUILT")
+    if plan.kind == "synthetic" and os.path.exists(marker):
+        return
     import tfds_sipakmed
 
-    tfds_sipakmed.build(manual_dir, data_dir, builder_config)
+    console.disable_tfds_progress()
+    out = io.StringIO()
+    redirect = contextlib.nullcontext() if console.is_verbose() else contextlib.redirect_stdout(out)
+    with redirect, console.native_stderr_quiet():
+        tfds_sipakmed.build(plan.manual_dir, plan.data_dir, plan.builder_config)
+    if plan.kind == "synthetic":
+        fileio.atomic_write_text(marker, f"synthetic cells_per_class={plan.cells_per_class}\n")
+        return
+    for line in out.getvalue().splitlines():
+        if line.startswith("warning:"):
+            console.say(line)
 
 
 def _sync(name: str):
@@ -103,7 +218,6 @@ class Data:
             fold,
             int(config.image_size),
             config.resize,
-            os.path.expanduser(config.cache_dir) if config.cache_dir else None,
             validation_fraction=float(config.val_fraction),
             validation_seed=int(config.seed),
             log=logging.info,
@@ -114,7 +228,7 @@ class Data:
             self.caches["train"], int(config.batch_size)
         )
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise UserError(
                 f"{self.num('train')} training examples do not fill one batch of "
                 f"config.batch_size={config.batch_size}; use a smaller batch"
             )

@@ -5,11 +5,13 @@ machines this trains on often have none. `create_writer(workdir)` therefore:
 
 - always writes `DIR/metrics.jsonl` (one JSON object a line: `{"step", "kind", ...}`; images
   as PNG files under `DIR/images/<name>/<step>.png`), which the report and tests read;
-- adds clu's default writer (TensorBoard event files + console) when TensorFlow is importable
-  and `kind` is "auto" or "clu", else a console writer through absl logging.
+- adds clu's default writer (TensorBoard event files + absl log lines) when TensorFlow is
+  importable and `kind` is "auto" or "clu", else a writer of absl log lines. The log lines are
+  INFO: hidden on a quiet console (`sipak_jax.console`), whose per-epoch line says what matters.
 
 Every writer has the clu `MetricWriter` methods the loop uses: `write_scalars`,
-`write_images`, `write_texts`, `write_hparams`, `flush`, `close`. Only process 0 writes files.
+`write_images`, `write_texts`, `write_hparams`, `flush`, `close`. Only process 0 writes files;
+the others log through absl (`just_logging`), without importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from absl import logging
+
+from sipak_jax import console
 
 WRITER_KINDS = ("auto", "clu", "jsonl")
 
@@ -153,23 +157,20 @@ def create_writer(workdir: str, kind: str = "auto", *, just_logging: bool = Fals
     """The writer for one run; `kind` is "auto" (clu when TensorFlow is importable), "clu" or
     "jsonl" (console + JSON lines, never imports TensorFlow). Returns (writer, uses_clu)."""
     if kind not in WRITER_KINDS:
-        raise ValueError(f"config.writer must be one of {WRITER_KINDS}, got {kind!r}")
+        raise console.UserError(f"config.writer must be one of {WRITER_KINDS}, got {kind!r}")
     use_clu = kind == "clu" or (kind == "auto" and tensorflow_available())
     if kind == "clu" and not tensorflow_available():
-        raise ValueError(
+        raise console.UserError(
             "config.writer='clu' needs TensorFlow (clu's TensorBoard writer imports it); "
             "install tensorflow-cpu or use config.writer='auto'"
         )
     if just_logging:
-        if use_clu:
-            from clu import metric_writers
-
-            return metric_writers.create_default_writer(just_logging=True), True
         return ConsoleWriter(), False
     writers = [JsonlWriter(workdir)]
     if use_clu:
-        _hide_accelerators_from_tensorflow()
-        from clu import metric_writers
+        with console.native_stderr_quiet():  # TensorFlow's C++ start-up lines
+            _hide_accelerators_from_tensorflow()
+            from clu import metric_writers
 
         writers.append(metric_writers.create_default_writer(workdir))
     else:

@@ -11,9 +11,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import tfds_sipakmed
-from sipak_jax.classes import CLASS_NAMES
 from tfds_sipakmed import folds, layout, synthetic
 from tfds_sipakmed.layout import SipakmedError
+from tfds_sipakmed.taxonomy import SIPAKMED
+
+CLASS_NAMES = SIPAKMED.class_names
 
 build_cli = importlib.import_module("tfds_sipakmed.build")
 KW = {"seed": 11, "scale": 0.15, "bad_annotation_rate": 0.2}

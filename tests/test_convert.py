@@ -63,7 +63,7 @@ def _torch_logits(model, images_uint8):
 
 
 def _flax_logits(model, meta, images_uint8):
-    x = preprocessing.normalize(images_uint8, meta["preprocessing"])
+    x = preprocessing.normalize(images_uint8, meta.preprocessing)
     return np.asarray(model(x))
 
 
@@ -85,16 +85,18 @@ def test_torchvision_pth_and_safetensors_convert_to_the_same_logits(tiny_torch, 
 
     torch_model, pth = tiny_torch
     model, meta = convert.convert_file(pth)
-    assert meta["model"] == {
+    assert isinstance(meta, model_io.ModelMetadata) and meta.kind == "converted"
+    assert meta.model == {
         "variant": "v1.5",
         "width": 64,
         "num_classes": 7,
         "depth": 50,
         "stage_sizes": [1, 1, 1, 1],
     }
-    assert meta["preprocessing"]["channel_order"] == "RGB"
-    assert meta["class_names"] == [f"class_{i}" for i in range(7)]
-    assert meta["source"]["sha256"] == convert.file_digest(pth)
+    assert meta.preprocessing == preprocessing.spec_for("torchvision", 224, "stretch")
+    assert meta.class_names == tuple(f"class_{i}" for i in range(7))
+    assert meta.taxonomy.abnormal == () and meta.taxonomy.readings == {}
+    assert meta.source["sha256"] == convert.file_digest(pth)
     images = _images()
     _assert_close(_flax_logits(model, meta, images), _torch_logits(torch_model, images))
 
@@ -222,8 +224,8 @@ def _keras_logits(model, images_uint8):
 def test_keras_legacy_h5_converts_to_the_same_logits(tiny_keras, tmp_path):
     keras_model, path = tiny_keras
     model, meta = convert.convert_file(path)
-    assert meta["model"]["variant"] == "v1" and meta["model"]["stage_sizes"] == [1, 1, 1, 1]
-    assert meta["preprocessing"] == preprocessing.spec_for("keras", 224, "stretch")
+    assert meta.model["variant"] == "v1" and meta.model["stage_sizes"] == [1, 1, 1, 1]
+    assert meta.preprocessing == preprocessing.spec_for("keras", 224, "stretch")
     images = _images(seed=1)
     _assert_close(_flax_logits(model, meta, images), _keras_logits(keras_model, images))
 
@@ -266,10 +268,12 @@ def test_command_line_writes_a_model_dir_that_loads(tiny_torch, tmp_path, capsys
     out = tmp_path / "dir"
     assert convert.main(["--source=torchvision", f"--input={pth}", f"--output={out}"]) == 0
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["format"] == "sipak_jax.model/1" and meta["kind"] == "converted"
+    assert meta["format"] == "sipak_jax.model/2" and meta["kind"] == "converted"
     assert meta["source"]["framework"] == "torchvision"
     assert meta["source"]["file"] == "tiny_resnet.pth"
+    assert meta["taxonomy"]["class_names"] == [f"class_{i}" for i in range(7)]
     model, loaded_meta = model_io.load_model_dir(out)
+    assert loaded_meta == convert.convert_file(pth)[1]
     images = _images(seed=2)
     _assert_close(_flax_logits(model, loaded_meta, images), _torch_logits(torch_model, images))
 
@@ -325,8 +329,8 @@ def test_download_fetches_checks_the_hash_and_caches(tiny_torch, tmp_path, monke
     ]
     assert convert.main(args) == 0
     meta = model_io.read_metadata(out)
-    assert meta["source"]["url"].endswith(name)
-    assert meta["source"]["eval_transform"].startswith("resize shorter side to 256")
+    assert meta.source["url"].endswith(name)
+    assert meta.source["eval_transform"].startswith("resize shorter side to 256")
 
 
 def test_official_names_and_addresses():
@@ -346,3 +350,30 @@ def test_official_names_and_addresses():
         for w in getattr(resnet, f"ResNet{n}_Weights")
     }
     assert {convert.official_url(n) for n in convert.TORCHVISION_FILES} == urls
+
+
+def test_init_from_a_raw_weights_file_loads_the_backbone_and_keeps_the_head(tiny_torch):
+    """`pretrained.init_from` on a .pth: converted on the fly, every backbone tensor equal to
+    the torch model's (transposed), the new 3-class head untouched."""
+    from flax import nnx
+
+    from sipak_jax import pretrained
+    from sipak_jax.models import ResNet
+
+    torch_model, pth = tiny_torch
+    model = ResNet(50, 3, width=64, stage_sizes=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+    head = np.asarray(model.fc.kernel[...])
+    summary = pretrained.init_from(model, pth)
+    assert sorted(summary["kept"]) == ["fc/bias", "fc/kernel"]
+    assert summary["metadata"].source["file"] == "tiny_resnet.pth"
+    np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]), head)
+    sd = torch_model.state_dict()
+    np.testing.assert_array_equal(
+        np.asarray(model.layer3[0].conv2.kernel[...]),
+        sd["layer3.0.conv2.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(model.layer4[0].bn3.var[...]), sd["layer4.0.bn3.running_var"].numpy()
+    )
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pretrained.init_from(model, pth + ".missing.pth")

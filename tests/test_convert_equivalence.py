@@ -37,8 +37,10 @@ def test_torchvision_resnet(depth, tmp_path):
     out = tmp_path / "dir"
     assert convert.main(["--source=torchvision", f"--input={path}", f"--output={out}"]) == 0
     model, meta = model_io.load_model_dir(out)
-    assert meta["model"] == {"variant": "v1.5", "width": 64, "num_classes": 1000, "depth": depth}
-    assert len(meta["class_names"]) == 1000 and meta["class_names"][0] == "tench"
+    assert meta.model == {"variant": "v1.5", "width": 64, "num_classes": 1000, "depth": depth}
+    assert len(meta.class_names) == 1000 and meta.class_names[0] == "tench"
+    assert meta.taxonomy.dataset == "imagenet" and meta.taxonomy.abnormal == ()
+    assert meta.taxonomy.readings == {}
     images = _images(seed=depth)
     ours, theirs = _flax_logits(model, meta, images), _torch_logits(ref, images)
     _assert_close(ours, theirs)
@@ -61,8 +63,8 @@ def test_keras_resnet50_top_and_notop(tmp_path):
     with h5py.File(top, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, ref)
     model, meta = convert.convert_file(str(top))
-    assert meta["model"] == {"variant": "v1", "width": 64, "num_classes": 1000, "depth": 50}
-    assert meta["preprocessing"] == preprocessing.spec_for("keras", 224, "stretch")
+    assert meta.model == {"variant": "v1", "width": 64, "num_classes": 1000, "depth": 50}
+    assert meta.preprocessing == preprocessing.spec_for("keras", 224, "stretch")
     images = _images(seed=7)
     ours, theirs = _flax_logits(model, meta, images), _keras_logits(ref, images)
     _assert_close(ours, theirs)
@@ -78,10 +80,10 @@ def test_keras_resnet50_top_and_notop(tmp_path):
         for name in names:
             src.copy(src[name], dst, name=str(name))
     headless, meta0 = convert.convert_file(str(notop))
-    assert meta0["model"]["num_classes"] == 0 and "class_names" not in meta0
+    assert meta0.model["num_classes"] == 0 and meta0.taxonomy is None
     trunk = keras.Model(ref.input, ref.get_layer("conv5_block3_out").output)
     from keras.applications.resnet50 import preprocess_input
 
     want = np.asarray(trunk(preprocess_input(images.astype(np.float32)), training=False))
-    got = np.asarray(headless.features(preprocessing.normalize(images, meta0["preprocessing"])))
+    got = np.asarray(headless.features(preprocessing.normalize(images, meta0.preprocessing)))
     _assert_close(got, want)

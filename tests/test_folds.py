@@ -6,8 +6,10 @@ import random
 
 import pytest
 
-from sipak_jax.classes import CLASS_NAMES
 from tfds_sipakmed import folds
+from tfds_sipakmed.taxonomy import SIPAKMED
+
+CLASS_NAMES = SIPAKMED.class_names
 
 # The real dataset's shape: cluster images and cells per class (dataset notes).
 REAL = {

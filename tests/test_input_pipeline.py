@@ -13,7 +13,8 @@ import pytest
 
 from sipak_jax import input_pipeline as ip
 from sipak_jax import preprocessing as pp
-from sipak_jax.classes import LABEL_2CLASS, LABEL_3CLASS
+from sipak_jax.distributed import make_mesh
+from tfds_sipakmed.taxonomy import SIPAKMED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -68,8 +69,9 @@ def test_cache_shapes_dtypes_and_values_against_the_files(dataset, train_cache):
     for f in ("label", "label_3class", "label_2class", "cell_index", "index"):
         assert getattr(c, f).dtype == np.int32 and getattr(c, f).shape == (n,)
     np.testing.assert_array_equal(c.index, np.arange(n))
-    np.testing.assert_array_equal(c.label_3class, np.asarray(LABEL_3CLASS)[c.label])
-    np.testing.assert_array_equal(c.label_2class, np.asarray(LABEL_2CLASS)[c.label])
+    for view in ("3class", "2class"):
+        want = np.asarray(SIPAKMED.view_labels(view))[c.label]
+        np.testing.assert_array_equal(getattr(c, f"label_{view}"), want)
     assert set(c.split) == {"fold1", "fold2", "fold3"}
     for split in ("fold1", "fold2", "fold3"):  # (split, file_name) order
         names = list(c.file_name[c.split == split])
@@ -112,35 +114,47 @@ def test_manual_dir_path_gives_identical_arrays(dataset, train_cache):
         np.testing.assert_array_equal(a, b)
 
 
-def test_stretch_policy_and_disk_cache(dataset, tmp_path, monkeypatch):
-    _, data = dataset
-    c = ip.load_splits(data, "grouped", "fold0", SIZE, "stretch", cache_dir=tmp_path)
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].endswith(".npz") and "stretch" in files[0]
+def test_stretch_policy_and_thread_counts_give_the_same_cache(dataset):
+    manual, data = dataset
+    c = ip.load_splits(data, "grouped", "fold0", SIZE, "stretch", num_threads=1)
+    assert (c.image_size, c.resize, c.num_examples) == (SIZE, "stretch", len(c))
+    for i in (0, len(c) - 1):
+        crop = cv2.imread(_crop_files(manual, c.file_name[i])[0], cv2.IMREAD_COLOR)[..., ::-1]
+        np.testing.assert_array_equal(c.image[i], pp.resize_crop(crop, SIZE, "stretch"))
+    # Worker threads fill the rows in any order; each row still lands in its own place.
+    threaded = ip.load_splits(data, "grouped", "fold0", SIZE, "stretch", num_threads=4)
+    np.testing.assert_array_equal(threaded.image, c.image)
+    np.testing.assert_array_equal(threaded.file_name, c.file_name)
+    for x, y in zip(threaded.cytoplasm_contour, c.cytoplasm_contour, strict=True):
+        np.testing.assert_array_equal(x, y)
 
-    def must_not_build(*a, **k):
-        raise AssertionError("the disk cache was not used")
 
-    with monkeypatch.context() as mp:
-        mp.setattr(ip, "_build_cache", must_not_build)
-        again = ip.load_splits(data, "grouped", "fold0", SIZE, "stretch", cache_dir=tmp_path)
-    np.testing.assert_array_equal(again.image, c.image)
-    np.testing.assert_array_equal(again.file_name, c.file_name)
-    for a, b in zip(again.cytoplasm_contour, c.cytoplasm_contour, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert (again.image_size, again.resize, again.num_examples) == (SIZE, "stretch", len(c))
-    # Another size or policy is another file; a damaged file is rebuilt, with a warning.
-    ip.load_splits(data, "grouped", "fold0", SIZE, "pad", cache_dir=tmp_path)
-    assert len(os.listdir(tmp_path)) == 2
-    path = os.path.join(tmp_path, files[0])
-    with open(path, "wb") as f:
-        f.write(b"garbage")
-    logs = []
-    rebuilt = ip.load_splits(
-        data, "grouped", "fold0", SIZE, "stretch", cache_dir=tmp_path, log=logs.append
-    )
-    assert any("cannot read the cache" in m for m in logs)
-    np.testing.assert_array_equal(rebuilt.image, c.image)
+def test_both_sources_have_the_same_interface_and_examples(dataset):
+    """The TFDS data source and the raw tree: the same records, and the same example at
+    every index (grain's RandomAccessDataSource: `len` and `[i]`)."""
+    manual, data = dataset
+    splits = ("fold2", "fold4")
+    tfds_src = ip.TfdsSource(data, "grouped", splits)
+    raw_src = ip.RawTreeSource(manual, "grouped", splits, log=lambda s: None)
+    assert len(tfds_src) == len(raw_src) == len(tfds_src.records) > 0
+    assert tfds_src.records == raw_src.records
+    assert [r.split for r in tfds_src.records] == sorted(r.split for r in tfds_src.records)
+    for i in (0, len(raw_src) - 1):
+        a, b = tfds_src[i], raw_src[i]
+        assert a["file_name"] == b["file_name"] == tfds_src.records[i].file_name
+        for k in ("image", "label", "cluster_id", "cell_index", "nucleus_contour"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_raw_tree_gives_the_same_folds_as_the_tfds_build(dataset):
+    manual, data = dataset
+    kw = {"image_size": 8, "validation_fraction": 0.25, "validation_seed": 3}
+    built = ip.load_folds(data, "grouped", 1, **kw)
+    raw = ip.load_folds(None, "grouped", 1, manual_dir=manual, log=lambda s: None, **kw)
+    for name in ("train", "validation", "test"):
+        assert len(built[name]) > 0
+        np.testing.assert_array_equal(raw[name].file_name, built[name].file_name)
+        np.testing.assert_array_equal(raw[name].image, built[name].image)
 
 
 def test_normalised_batches_for_both_weight_sources(train_cache):
@@ -149,7 +163,7 @@ def test_normalised_batches_for_both_weight_sources(train_cache):
     import torchvision.transforms.functional as TF
     from torchvision.models import ResNet50_Weights
 
-    mesh = ip.make_mesh()
+    mesh = make_mesh()
     with ip.train_batches(train_cache, 8, mesh, seed=0, num_steps=1) as it:
         batch = next(it)
     images = np.asarray(batch["image"])
@@ -176,7 +190,7 @@ def _indices(it):
 
 
 def test_train_order_is_reproducible_and_resumable(train_cache):
-    mesh = ip.make_mesh()
+    mesh = make_mesh()
     n, bs = len(train_cache), 4
     spe = ip.steps_per_epoch(train_cache, bs)
     assert spe == n // bs
@@ -195,10 +209,13 @@ def test_train_order_is_reproducible_and_resumable(train_cache):
     assert epochs[0] != epochs[1]
     other = _indices(ip.train_batches(train_cache, bs, mesh, seed=8, num_steps=spe))
     assert other != first[:spe]
+    assert other != first[spe : 2 * spe]  # seed 8 is not seed 7 shifted by an epoch
+    # The batch of a step is the rows `train_rows` names (index == row in one process).
+    assert first[spe + 2] == ip.train_rows(train_cache, bs, seed=7, step=spe + 2).tolist()
 
 
 def test_eval_batches_cover_every_example_once(train_cache):
-    mesh = ip.make_mesh()
+    mesh = make_mesh()
     batches = list(ip.eval_batches(train_cache, 8, mesh))
     n = len(train_cache)
     assert len(batches) == -(-n // 8) == ip.num_eval_steps(train_cache, 8)
@@ -270,11 +287,11 @@ def test_clear_errors(dataset, tmp_path, train_cache):
         ip.load_splits(data, "grouped", "train", SIZE)
     with pytest.raises(ValueError, match="exactly one"):
         ip.load_splits(None, "grouped", "fold0", SIZE)
-    mesh = ip.make_mesh()
+    mesh = make_mesh()
     with pytest.raises(ValueError, match="smaller batch"):
         ip.train_batches(train_cache, 4096, mesh, seed=0)
     with pytest.raises(ValueError, match="test_fold"):
-        ip.load_folds(data, test_fold=5)
+        ip.load_folds(data, test_fold=5, validation_fraction=0.2)
 
 
 def test_sharded_over_four_cpu_devices(dataset):
@@ -284,9 +301,10 @@ def test_sharded_over_four_cpu_devices(dataset):
         f"""
         import jax, numpy as np
         from sipak_jax import input_pipeline as ip
+        from sipak_jax.distributed import make_mesh
         assert jax.device_count() == 4, jax.devices()
         c = ip.load_splits({data!r}, 'grouped', ('fold0', 'fold1'), 16)
-        mesh = ip.make_mesh()
+        mesh = make_mesh()
         b = next(iter(ip.train_batches(c, 8, mesh, seed=1, num_steps=1)))
         rows = ip.train_rows(c, 8, seed=1, step=0)
         for k, v in b.items():
@@ -316,8 +334,9 @@ def test_training_imports_never_load_tensorflow(dataset):
         import sys, jax
         import tfds_sipakmed
         from sipak_jax import augment, input_pipeline as ip, preprocessing as pp
+        from sipak_jax.distributed import make_mesh
         c = ip.load_splits({data!r}, 'grouped', 'fold0', 16)
-        mesh = ip.make_mesh()
+        mesh = make_mesh()
         b = next(iter(ip.train_batches(c, 4, mesh, seed=0, num_steps=1)))
         x = jax.jit(lambda r, im: pp.normalize(augment.augment(r, im, ('rot90', 'flip')),
                                                pp.spec_for('keras')))(jax.random.key(0), b['image'])
@@ -340,9 +359,10 @@ def test_training_imports_never_load_tensorflow(dataset):
         sys.meta_path.insert(0, Block())
         import tfds_sipakmed
         from sipak_jax import input_pipeline as ip
+        from sipak_jax.distributed import make_mesh
         c = ip.load_splits(None, 'grouped', 'fold0', 16, manual_dir={manual!r}, log=lambda s: 0)
         assert len(c) > 0
-        next(iter(ip.train_batches(c, 4, ip.make_mesh(), seed=0, num_steps=1)))
+        next(iter(ip.train_batches(c, 4, make_mesh(), seed=0, num_steps=1)))
         assert not [m for m in sys.modules if m.startswith('tensorflow')]
         print('OK manual')
         """
@@ -350,21 +370,29 @@ def test_training_imports_never_load_tensorflow(dataset):
     assert "OK manual" in out
 
 
-def test_abandoned_iterator_stops_its_thread(train_cache):
+def test_closed_or_abandoned_iterators_stop_their_threads(train_cache):
     import gc
     import threading
     import time
 
+    def settles_to(count):
+        deadline = time.time() + 10
+        while threading.active_count() > count and time.time() < deadline:
+            time.sleep(0.05)
+        return threading.active_count() == count
+
     before = threading.active_count()
-    it = ip.train_batches(train_cache, 4, ip.make_mesh(), seed=0)  # endless
+    it = ip.train_batches(train_cache, 4, make_mesh(), seed=0)  # endless
     next(it)
-    assert threading.active_count() == before + 1
+    assert threading.active_count() > before  # grain's reader and prefetch threads
     del it
     gc.collect()
-    deadline = time.time() + 10
-    while threading.active_count() > before and time.time() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == before
+    assert settles_to(before)
+    with ip.eval_batches(train_cache, 4, make_mesh()) as it:
+        next(it)
+    assert settles_to(before)
+    with pytest.raises(StopIteration):
+        next(it)  # closed
 
 
 def test_two_jax_processes_each_read_their_share(dataset, tmp_path):
@@ -384,9 +412,10 @@ def test_two_jax_processes_each_read_their_share(dataset, tmp_path):
         jax.distributed.initialize(coordinator_address='127.0.0.1:{port}', num_processes=2,
                                    process_id=pid)
         from sipak_jax import input_pipeline as ip
+        from sipak_jax.distributed import make_mesh
         c = ip.load_splits({data!r}, 'grouped', ('fold0', 'fold1'), 16)
         assert c.process_count == 2 and c.process_index == pid
-        mesh = ip.make_mesh()
+        mesh = make_mesh()
         out = {{'n': len(c), 'total': c.num_examples, 'train': [], 'eval': []}}
         with ip.train_batches(c, 8, mesh, seed=5, num_steps=3) as it:
             for b in it:

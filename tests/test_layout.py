@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sipak_jax.classes import CLASS_NAMES
 from tfds_sipakmed import layout, synthetic
 from tfds_sipakmed.layout import SipakmedError
+from tfds_sipakmed.taxonomy import SIPAKMED
+
+CLASS_NAMES = SIPAKMED.class_names
 
 # Modelled on the real cluster-level files (Superficial-Intermediate cluster 007): five
 # significant digits, floats and integers mixed, first vertex repeated, LF endings.

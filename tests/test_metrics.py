@@ -7,20 +7,35 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from sipak_jax import classes
 from sipak_jax.metrics import (
     binary_roc_auc,
     classification_metrics,
     confusion_matrix_image,
 )
+from tfds_sipakmed.taxonomy import SIPAKMED, Taxonomy
 
-K = len(classes.CLASS_NAMES)
+K = SIPAKMED.num_classes
+
+# A second taxonomy shaped like Herlev's (7 classes, a 2-class view, 4 abnormal), so that
+# nothing in the metrics depends on SIPaKMeD's five classes.
+SEVEN = ("sup", "int", "col", "light", "moderate", "severe", "cis")
+HERLEV_LIKE = Taxonomy(
+    class_names=SEVEN,
+    abnormal=SEVEN[3:],
+    views={
+        "2class": {
+            "names": ["normal", "abnormal"],
+            "of": {c: "abnormal" if c in SEVEN[3:] else "normal" for c in SEVEN},
+        }
+    },
+    dataset="herlev_like",
+)
 
 
-def _random_case(n=300, seed=0, strength=1.5, quantize=None):
+def _random_case(n=300, seed=0, strength=1.5, quantize=None, k=K):
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, K, n)
-    logits = rng.normal(size=(n, K))
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
     logits[np.arange(n), labels] += strength
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     if quantize:  # coarse probabilities give many ties for the AUC
@@ -36,8 +51,9 @@ def _sk(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _check_against_sklearn(labels, probs):
-    m = classification_metrics(labels, probs)
+def _check_against_sklearn(labels, probs, tax=SIPAKMED):
+    m = classification_metrics(labels, probs, tax)
+    K = tax.num_classes
     pred = probs.argmax(1)
     present = set(labels.tolist())
     assert m["num_examples"] == len(labels)
@@ -57,7 +73,7 @@ def _check_against_sklearn(labels, probs):
         zero_division=np.nan,
     )
     aucs = []
-    for i, name in enumerate(classes.CLASS_NAMES):
+    for i, name in enumerate(tax.class_names):
         row = m["per_class"][name]
         assert row["support"] == s[i]
         for key, ref in (("precision", p[i]), ("recall", r[i])):
@@ -82,9 +98,9 @@ def _check_against_sklearn(labels, probs):
         assert m["roc_auc_macro"] is None
 
     # Grouped views: probabilities summed per group, argmax of the sums.
+    assert sorted(k for k in m if k.startswith("view_")) == sorted(f"view_{v}" for v in tax.views)
     for key, mapping, names in (
-        ("view_3class", classes.LABEL_3CLASS, classes.CLASS_NAMES_3),
-        ("view_2class", classes.LABEL_2CLASS, classes.CLASS_NAMES_2),
+        (f"view_{v}", tax.view_labels(v), tax.view_names(v)) for v in tax.views
     ):
         g = len(names)
         glabels = np.array(mapping)[labels]
@@ -102,9 +118,10 @@ def _check_against_sklearn(labels, probs):
             _sk(skm.balanced_accuracy_score, glabels, gpred)
         )
 
-    abnormal = np.isin(labels, classes.ABNORMAL)
-    normal_cols = [c for c in range(K) if c not in classes.ABNORMAL]
-    p_abnormal = probs[:, list(classes.ABNORMAL)].sum(1)
+    ab_cols = [i for i, n in enumerate(tax.class_names) if n in tax.abnormal]
+    abnormal = np.isin(labels, ab_cols)
+    normal_cols = [c for c in range(K) if c not in ab_cols]
+    p_abnormal = probs[:, ab_cols].sum(1)
     p_normal = probs[:, normal_cols].sum(1)
     called = p_abnormal > p_normal  # a tie goes to "normal", the lower index, like argmax
     avn = m["abnormal_vs_nilm"]
@@ -170,7 +187,7 @@ def test_single_class_labels():
 
 
 def test_empty_evaluation():
-    m = classification_metrics(np.zeros(0, int), np.zeros((0, K)))
+    m = classification_metrics(np.zeros(0, int), np.zeros((0, K)), SIPAKMED)
     assert m["num_examples"] == 0 and m["accuracy"] is None and m["macro_f1"] is None
     assert m["confusion_matrix"] == [[0] * K] * K
     json.dumps(m, allow_nan=False)
@@ -179,7 +196,7 @@ def test_empty_evaluation():
 def test_perfect_and_known_values():
     labels = np.array([0, 1, 2, 3, 4, 0])
     probs = np.eye(K)[labels] * 0.9 + 0.02
-    m = classification_metrics(labels, probs)
+    m = classification_metrics(labels, probs, SIPAKMED)
     assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["roc_auc_macro"] == 1.0
     assert m["abnormal_vs_nilm"]["sensitivity"] == 1.0
     assert m["abnormal_vs_nilm"]["tp"] == 3 and m["abnormal_vs_nilm"]["tn"] == 3
@@ -189,7 +206,7 @@ def test_metaplastic_counts_as_normal_in_2class_view():
     # A Metaplastic cell called Metaplastic is a true negative (NILM), not an abnormal call.
     labels = np.array([2, 1])
     probs = np.array([[0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
-    m = classification_metrics(labels, probs)
+    m = classification_metrics(labels, probs, SIPAKMED)
     assert m["abnormal_vs_nilm"]["tn"] == 1 and m["abnormal_vs_nilm"]["tp"] == 1
     assert m["view_3class"]["confusion_matrix"][1][1] == 1  # benign
 
@@ -197,19 +214,36 @@ def test_metaplastic_counts_as_normal_in_2class_view():
 def test_grouped_argmax_uses_summed_probabilities():
     # 5-class argmax is Metaplastic (normal) but the abnormal classes together hold 0.6.
     probs = np.array([[0.3, 0.3, 0.4, 0.0, 0.0]])
-    m = classification_metrics(np.array([0]), probs)
+    m = classification_metrics(np.array([0]), probs, SIPAKMED)
     assert m["per_class"]["Dyskeratotic"]["recall"] == 0.0
     assert m["view_2class"]["accuracy"] == 1.0
     assert m["abnormal_vs_nilm"]["sensitivity"] == 1.0
 
 
-def test_other_class_names_skip_the_sipakmed_views():
+def test_bare_taxonomy_omits_abnormal_figures_with_a_note():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 50)
     probs = rng.dirichlet(np.ones(3), 50)
-    m = classification_metrics(labels, probs, class_names=("a", "b", "c"))
-    assert m["view_3class"] is None and m["abnormal_vs_nilm"] is None
-    assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
+    for tax in (("a", "b", "c"), Taxonomy.bare(("a", "b", "c"), "folder")):
+        m = classification_metrics(labels, probs, tax)
+        assert not [k for k in m if k.startswith("view_")] and m["abnormal_vs_nilm"] is None
+        assert len(m["notes"]) == 1 and "no clinical reading defined" in m["notes"][0]
+        assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
+    # Class names alone are never taken for SIPaKMeD's: the taxonomy says what they mean.
+    m = classification_metrics(labels, np.eye(K)[labels], SIPAKMED.class_names)
+    assert m["abnormal_vs_nilm"] is None and "view_2class" not in m
+    assert classification_metrics(labels, np.eye(K)[labels], SIPAKMED)["notes"] == []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_another_taxonomy_matches_sklearn(seed):
+    labels, probs = _random_case(seed=seed, k=len(SEVEN))
+    m = _check_against_sklearn(labels, probs, HERLEV_LIKE)
+    assert set(m["per_class"]) == set(SEVEN) and m["view_2class"]["class_names"] == [
+        "normal",
+        "abnormal",
+    ]
+    assert m["abnormal_vs_nilm"]["tp"] + m["abnormal_vs_nilm"]["fn"] == int((labels >= 3).sum())
 
 
 @pytest.mark.parametrize(
@@ -226,7 +260,7 @@ def test_other_class_names_skip_the_sipakmed_views():
 )
 def test_bad_inputs_raise_clear_errors(labels, probs, match):
     with pytest.raises(ValueError, match=match):
-        classification_metrics(labels, probs)
+        classification_metrics(labels, probs, SIPAKMED)
 
 
 def test_confusion_matrix_image():

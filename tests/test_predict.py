@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from sipak_jax import classes, predict
+from sipak_jax import predict
+from tfds_sipakmed.taxonomy import SIPAKMED, Taxonomy
 
 SIZE = 32
 TEMPERATURE = 1.7
@@ -24,13 +25,14 @@ def model_dir(tmp_path_factory):
     from sipak_jax.models import ResNet
 
     path = tmp_path_factory.mktemp("model") / "tiny"
-    model = ResNet(18, len(classes.CLASS_NAMES), width=8, rngs=nnx.Rngs(0))
-    meta = {
-        "kind": "converted",
-        "class_names": list(classes.CLASS_NAMES),
-        "preprocessing": preprocessing.spec_for("scratch", image_size=SIZE),
-        "temperature": TEMPERATURE,
-    }
+    model = ResNet(18, SIPAKMED.num_classes, width=8, rngs=nnx.Rngs(0))
+    meta = model_io.ModelMetadata(
+        kind="converted",
+        model=model.config(),
+        taxonomy=SIPAKMED,
+        preprocessing=preprocessing.spec_for("scratch", image_size=SIZE),
+        temperature=TEMPERATURE,
+    )
     model_io.save_model_dir(path, model, meta)
     return str(path)
 
@@ -120,19 +122,19 @@ def test_every_format_predicts(formats_run):
     assert paths == expected
     for r in rows:
         assert r["error"] is None, r
-        assert r["class_names"] == list(classes.CLASS_NAMES)
+        assert r["class_names"] == list(SIPAKMED.class_names)
         p = np.array(r["probabilities"])
         assert p.shape == (5,) and abs(p.sum() - 1) < 1e-6 and (p > 0).all()
         assert (
             r["label"]
-            == classes.CLASS_NAMES[int(p.argmax())]
-            == classes.CLASS_NAMES[r["label_index"]]
+            == SIPAKMED.class_names[int(p.argmax())]
+            == SIPAKMED.class_names[r["label_index"]]
         )
-        assert r["bethesda"] == classes.BETHESDA[r["label"]]
-        p_ab = p[list(classes.ABNORMAL)].sum()
+        assert r["bethesda"] == SIPAKMED.readings[r["label"]]
+        p_ab = p[list(SIPAKMED.abnormal_indices())].sum()
         assert r["p_abnormal"] == pytest.approx(p_ab)
         assert r["flagged"] == (p_ab > 1 - p_ab) == (r["label_2class"] == "abnormal")
-        assert r["label_3class"] in classes.CLASS_NAMES_3
+        assert r["label_3class"] in ("normal", "benign", "abnormal")
         assert r["temperature"] == TEMPERATURE
 
 
@@ -156,10 +158,10 @@ def test_probabilities_equal_the_models_softmax_at_the_stored_temperature(format
     from sipak_jax import model_io, preprocessing
 
     model, meta = model_io.load_model_dir(model_dir)
-    assert meta["temperature"] == TEMPERATURE
+    assert meta.temperature == TEMPERATURE
     rgb = formats_run["rgb"]
-    x = preprocessing.resize_crop(rgb, SIZE, meta["preprocessing"]["resize"])
-    logits = model(preprocessing.normalize(jnp.asarray(x[None]), meta["preprocessing"]))
+    x = preprocessing.resize_crop(rgb, SIZE, meta.preprocessing["resize"])
+    logits = model(preprocessing.normalize(jnp.asarray(x[None]), meta.preprocessing))
     ref = np.asarray(jax.nn.softmax(logits / TEMPERATURE, axis=-1))[0]
     row = next(r for r in formats_run["rows"] if os.path.basename(r["path"]) == "rgb.bmp")
     np.testing.assert_allclose(row["probabilities"], ref, atol=1e-5)
@@ -217,7 +219,7 @@ def test_unreadable_files_get_error_rows_and_exit_1(model_dir, tmp_path):
         "empty_dir",
         "missing.bmp",
     }
-    assert by["good.png"]["error"] == "" and by["good.png"]["label"] in classes.CLASS_NAMES
+    assert by["good.png"]["error"] == "" and by["good.png"]["label"] in SIPAKMED.class_names
     for name in ("zero.png", "truncated.png", "truncated.jpg", "text.jpg"):
         assert name in by[name]["error"] and "Cannot decode" in by[name]["error"], by[name]
         assert by[name]["label"] == "" and by[name]["p_Dyskeratotic"] == ""
@@ -225,11 +227,26 @@ def test_unreadable_files_get_error_rows_and_exit_1(model_dir, tmp_path):
     assert "no such file" in by["missing.bmp"]["error"]
     # The CSV holds the jsonl fields as columns, probabilities as p_<class>.
     good = by["good.png"]
-    p = np.array([float(good[f"p_{n}"]) for n in classes.CLASS_NAMES])
+    p = np.array([float(good[f"p_{n}"]) for n in SIPAKMED.class_names])
     assert abs(p.sum() - 1) < 1e-6
-    assert good["label"] == classes.CLASS_NAMES[int(p.argmax())]
-    assert good["bethesda"] == classes.BETHESDA[good["label"]]
-    assert float(good["p_abnormal"]) == pytest.approx(p[list(classes.ABNORMAL)].sum())
+    assert good["label"] == SIPAKMED.class_names[int(p.argmax())]
+    assert good["bethesda"] == SIPAKMED.readings[good["label"]]
+    assert float(good["p_abnormal"]) == pytest.approx(p[list(SIPAKMED.abnormal_indices())].sum())
+    # The CSV columns of a SIPaKMeD model are those of every earlier version.
+    assert list(rows[0]) == [
+        "path",
+        "label",
+        "label_index",
+        "label_3class",
+        "label_2class",
+        "bethesda",
+        "p_abnormal",
+        "flagged",
+        "temperature",
+        *(f"p_{n}" for n in SIPAKMED.class_names),
+        "overlay",
+        "error",
+    ]
 
 
 def test_refuses_to_overwrite_output(model_dir, tmp_path, capsys):
@@ -276,10 +293,36 @@ def test_other_models_get_null_clinical_fields():
     names = [f"class{i}" for i in range(1000)]
     p = np.full(1000, 1e-4)
     p[7] = 1 - p.sum() + p[7]
-    row = predict.reading(p, names)
-    assert row["label"] == "class7" and row["label_index"] == 7
-    for key in ("label_3class", "label_2class", "bethesda", "p_abnormal", "flagged"):
-        assert row[key] is None
+    for tax in (names, Taxonomy.bare(names, "imagenet")):
+        row = predict.reading(p, tax)
+        assert row["label"] == "class7" and row["label_index"] == 7
+        for key in ("label_3class", "label_2class", "p_abnormal", "flagged"):
+            assert row[key] is None
+        assert row["bethesda"] == "no clinical reading defined"
+
+
+def test_the_models_taxonomy_gives_the_reading():
+    """Another dataset's taxonomy: its own abnormal set, view and readings, no SIPaKMeD."""
+    tax = Taxonomy(
+        class_names=("NILM", "LSIL", "HSIL"),
+        abnormal=("LSIL", "HSIL"),
+        views={
+            "2class": {
+                "names": ["normal", "abnormal"],
+                "of": {"NILM": "normal", "LSIL": "abnormal", "HSIL": "abnormal"},
+            }
+        },
+        readings={"NILM": "Negative for intraepithelial lesion", "HSIL": "HSIL"},
+        dataset="cric_like",
+    )
+    row = predict.reading(np.array([0.5, 0.3, 0.2]), tax)
+    assert row["label"] == "NILM" and row["bethesda"] == "Negative for intraepithelial lesion"
+    assert row["p_abnormal"] == pytest.approx(0.5) and row["flagged"] is False
+    assert row["label_2class"] == "normal" and row["label_3class"] is None
+    row = predict.reading(np.array([0.4, 0.35, 0.25]), tax)
+    assert row["label"] == "NILM" and row["flagged"] is True and row["label_2class"] == "abnormal"
+    row = predict.reading(np.array([0.1, 0.8, 0.1]), tax)
+    assert row["bethesda"] == "no clinical reading defined"  # LSIL has none in this taxonomy
 
 
 @pytest.mark.slow  # a fresh Python process imports jax, restores and compiles

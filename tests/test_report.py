@@ -1,19 +1,22 @@
 """The HTML report: built from a small fake run, then opened in a real headless Chromium."""
 
+import html
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 
-from sipak_jax import calibration, classes, metrics, predict, report, shortcuts
+from sipak_jax import calibration, metrics, predict, report, shortcuts
+from tfds_sipakmed.taxonomy import SIPAKMED
 
-K = len(classes.CLASS_NAMES)
+K = SIPAKMED.num_classes
 SIZE = 32
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _crop(label, seed):
@@ -27,23 +30,25 @@ def _crop(label, seed):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A workdir as training leaves it: model DIR files, results.json, config.json, PNGs."""
+    """A workdir as training leaves it: metadata.json, results.json, config.json, PNGs and the
+    overlays of the selected calls (`run_artifacts`); no checkpoint: the report needs none."""
     from flax import nnx
 
-    from sipak_jax import model_io, preprocessing
+    from sipak_jax import model_io, preprocessing, run_artifacts
     from sipak_jax.models import ResNet
 
     root = tmp_path_factory.mktemp("run")
     workdir = root / "workdir"
     images = root / "manual"
-    model = ResNet(18, K, width=8, rngs=nnx.Rngs(0))
-    meta = {
-        "kind": "converted",
-        "class_names": list(classes.CLASS_NAMES),
-        "preprocessing": preprocessing.spec_for("scratch", image_size=SIZE),
-        "temperature": 1.3,
-    }
-    model_io.save_model_dir(workdir, model, meta)
+    model = ResNet(18, K, width=8, stage_sizes=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+    meta = model_io.ModelMetadata(
+        kind="converted",
+        model=model.config(),
+        taxonomy=SIPAKMED,
+        preprocessing=preprocessing.spec_for("scratch", image_size=SIZE),
+        temperature=1.3,
+    )
+    model_io.write_metadata(workdir, meta)
 
     rng = np.random.default_rng(0)
     n = 40
@@ -52,7 +57,7 @@ def run_dir(tmp_path_factory):
     logits[np.arange(n), labels] += 2.5
     preds = []
     for i in range(n):
-        name = classes.CLASS_NAMES[labels[i]]
+        name = SIPAKMED.class_names[labels[i]]
         file_name = f"im_{name}/CROPPED/{i:03d}_01.bmp"
         path = images / file_name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,15 +91,18 @@ def run_dir(tmp_path_factory):
         rng.integers(0, K, m),
         rng.integers(0, 5, m),
         test_fold=1,
+        taxonomy=SIPAKMED,
     )
     results = {
         "fold": 1,
         "best_step": 120,
         "best_epoch": 3,
         "selection": "best validation macro-F1",
-        "class_names": list(classes.CLASS_NAMES),
-        "validation": metrics.classification_metrics(val_labels, calibration.softmax(val_logits)),
-        "test": metrics.classification_metrics(labels, calibration.softmax(logits, 1.3)),
+        "class_names": list(SIPAKMED.class_names),
+        "validation": metrics.classification_metrics(
+            val_labels, calibration.softmax(val_logits), SIPAKMED
+        ),
+        "test": metrics.classification_metrics(labels, calibration.softmax(logits, 1.3), SIPAKMED),
         "calibration": cal,
         "predictions": preds,
         "shortcuts": sc,
@@ -110,6 +118,9 @@ def run_dir(tmp_path_factory):
         "model": {"depth": 18, "width": 8, "variant": "v1.5"},
     }
     (workdir / "config.json").write_text(json.dumps(config))
+    # What the trainer's finalize step stores for the report.
+    cells = run_artifacts.cells_for_run(preds, SIPAKMED, image_roots=[str(images)])
+    run_artifacts.write_run_artifacts(workdir, model, meta, cells)
 
     # A predict output: readable rows (one with an overlay), one unreadable file.
     rows = []
@@ -117,7 +128,7 @@ def run_dir(tmp_path_factory):
     ov_dir.mkdir()
     for i in range(6):
         probs = calibration.softmax(logits[i : i + 1], 1.3)[0]
-        row = {"path": f"cells/c{i}.png", **predict.reading(probs, classes.CLASS_NAMES)}
+        row = {"path": f"cells/c{i}.png", **predict.reading(probs, SIPAKMED)}
         row.update(temperature=1.3, overlay=None, error=None)
         if i == 0:
             ov = ov_dir / "c0_gradcam.png"
@@ -126,7 +137,7 @@ def run_dir(tmp_path_factory):
         rows.append(row)
     rows.append({"path": "cells/broken.png", "error": "Cannot decode cells/broken.png"})
     pred_file = root / "preds.jsonl"
-    predict.write_rows(rows, str(pred_file), classes.CLASS_NAMES)
+    predict.write_rows(rows, str(pred_file), SIPAKMED.class_names)
     return {"workdir": workdir, "predictions": pred_file, "images": images, "results": results}
 
 
@@ -135,10 +146,10 @@ def report_path(run_dir):
     return report.write_report(str(run_dir["workdir"]), str(run_dir["predictions"]))
 
 
-def _chromium_check(html_path, tmp_path):
-    """Open the page in headless Chromium; a script added to a copy records, after load, how
-    many <img> elements decoded (complete and naturalWidth > 0). Returns (total, ok, dom)."""
-    assert CHROMIUM, "chromium is not installed (apt-get install -y chromium); .ci/run installs it"
+def _chromium_check(chromium, html_path, tmp_path):
+    """Open the page in headless Chromium (the executable `chromium`); a script added to a copy
+    records, after load, how many <img> elements decoded (complete and naturalWidth > 0).
+    Returns (total, ok, dom)."""
     page = open(html_path, encoding="utf-8").read()
     probe = (
         "<script>window.addEventListener('load',function(){var im=document.images,ok=0;"
@@ -151,7 +162,7 @@ def _chromium_check(html_path, tmp_path):
     profile = tmp_path / "profile"
     profile.mkdir()
     cmd = [
-        CHROMIUM,
+        chromium,
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -174,13 +185,15 @@ def _chromium_check(html_path, tmp_path):
     return int(total.group(1)), int(ok.group(1)), dom
 
 
-@pytest.mark.slow  # Chromium start-up and a model build + Grad-CAM on a busy CPU
-def test_every_image_renders_in_chromium(report_path, tmp_path):
+@pytest.mark.slow  # Chromium's start-up and rendering on a busy CPU
+def test_every_image_renders_in_chromium(chromium, report_path, tmp_path):
+    """`chromium` (conftest.py): an installed browser, or this test is skipped with how to get
+    one (failed under SIPAK_REQUIRE_BROWSER=1, as .ci/run sets)."""
     page = open(report_path, encoding="utf-8").read()
     n_img = len(re.findall(r"<img\b", page))
     # 3 confusion matrices + reliability + 8 call overlays + 1 thumbnail.
     assert n_img == 3 + 1 + 8 + 1, n_img
-    total, ok, dom = _chromium_check(report_path, tmp_path)
+    total, ok, dom = _chromium_check(chromium, report_path, tmp_path)
     assert total == n_img and ok == total, (total, ok)
     assert "Abnormal vs NILM" in dom
 
@@ -216,11 +229,21 @@ def test_page_content(report_path, run_dir):
     sens = results["test"]["abnormal_vs_nilm"]["sensitivity"]
     assert f"{100 * sens:.1f}%" in page
     assert f"T = {results['calibration']['temperature']:.3f}" in page
-    for name in classes.CLASS_NAMES:
-        assert classes.BETHESDA[name] in page or classes.BETHESDA[name].replace("/", "/") in page
+    for name in SIPAKMED.class_names:
+        assert html.escape(SIPAKMED.readings[name]) in page, name
     assert "size-only control (gradient boosting)" in page
-    assert "Metaplastic counts as normal (NILM)" in page
-    assert "Grad-CAM overlays:" not in page  # overlays were computed: no degradation note
+    # The groupings come from the model's taxonomy: Metaplastic is normal in the 2-class view.
+    assert (
+        "2 classes: normal = Metaplastic, Parabasal, Superficial-Intermediate; "
+        "abnormal = Dyskeratotic, Koilocytotic." in page
+    )
+    assert "Overlays:" not in page  # every call has its stored overlay: no degradation note
+    # Each map says where it was computed: at 32 px the stage rule picks layer1 (8x8), not
+    # layer4's 1x1 map.
+    where = "Grad-CAM at layer1, 8x8 map on a 32 px input"
+    assert page.count(f'<span class="muted">{where}') == 8  # under each of the 8 overlays
+    assert f"evidence ({where})" in page  # and in the section's text
+    assert "one map cell spans about 4 px of the network's input" in page
     # Per-image table: flagged rows first, sorted by p(abnormal), the unreadable file last.
     table = page[page.index('id="predictions"') :]
     paths = re.findall(r'<td class="l">(cells/[^<]+)</td>', table)
@@ -233,32 +256,32 @@ def test_page_content(report_path, run_dir):
     assert "could not be read: Cannot decode" in table
 
 
-def test_select_calls():
-    p_ab = [0.9, 0.55, 0.2, 0.99, 0.51, 0.7]
-    preds = []
-    for i, pa in enumerate(p_ab):
-        probs = [pa / 2, pa / 2, (1 - pa) / 3, (1 - pa) / 3, (1 - pa) / 3]
-        preds.append({"index": i, "probabilities": probs, "label": 0})
-    sel = report.select_calls(preds, classes.CLASS_NAMES, k=2)
-    assert sel["num_calls"] == 5
-    assert [c["index"] for c in sel["confident"]] == [3, 0]
-    assert [c["index"] for c in sel["doubtful"]] == [4, 1]
-    assert report.select_calls(preds, ["a"] * 5, k=2)["num_calls"] == 0
-
-
-def test_degrades_without_images(run_dir, tmp_path):
-    # No images_dir and no manual_dir in the config: nowhere to read the crops from.
+def test_degrades_without_stored_overlays(run_dir, tmp_path):
+    # A run finished before overlays were stored (or whose finalize failed): the calls are
+    # listed, with the command that computes their overlays.
     work2 = tmp_path / "w2"
     shutil.copytree(run_dir["workdir"], work2)
-    cfg = json.loads((work2 / "config.json").read_text())
-    cfg["manual_dir"] = ""
-    (work2 / "config.json").write_text(json.dumps(cfg))
+    shutil.rmtree(work2 / "artifacts")
     (work2 / "reliability.png").unlink()  # redrawn from the logits in results.json
     path = report.write_report(str(work2), overlays=True)
     page = open(path).read()
-    assert "Grad-CAM overlays: no image folder is known" in page and "--images_dir" in page
-    assert "(no overlay)" in page
+    assert "Overlays: this run stored none" in page
+    assert f"python -m sipak_jax.run_artifacts --workdir={work2}" in page
+    assert "(no overlay)" in page and "Most confident" in page
     assert len(re.findall(r"<img\b", page)) == 4  # 3 confusion matrices + redrawn reliability
+
+
+def test_report_imports_no_model_code():
+    # The report only renders: importing it (and so rendering) loads neither JAX nor Flax.
+    code = (
+        "import sys, sipak_jax.report; "
+        "assert not {'jax', 'flax'} & set(sys.modules), sorted({'jax', 'flax'} & set(sys.modules))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_refuses_to_replace_a_file_it_did_not_write(run_dir, tmp_path):
@@ -288,3 +311,35 @@ def test_fold_all_workdir_points_to_the_fold_directories(tmp_path, capsys):
     assert report.main([f"--workdir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "fold=all workdir" in err and "fold0" in err
+
+
+def test_a_model_without_clinical_meaning_says_so(tmp_path):
+    """A taxonomy with no abnormal class and no readings (a folder of crops, ImageNet): the
+    report shows its own classes and says that no clinical reading is defined."""
+    from tfds_sipakmed.taxonomy import Taxonomy
+
+    tax = Taxonomy.bare(("round", "long", "flat"), "cell_folder")
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    logits = rng.normal(size=(30, 3))
+    logits[np.arange(30), labels] += 2.0
+    results = {
+        "fold": 0,
+        "class_names": list(tax.class_names),
+        "test": metrics.classification_metrics(labels, calibration.softmax(logits), tax),
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results, allow_nan=False))
+    from sipak_jax import model_io, preprocessing
+
+    model = {"depth": 18, "variant": "v1.5", "num_classes": 3, "width": 8}
+    spec = preprocessing.spec_for("scratch", image_size=32)
+    model_io.write_metadata(tmp_path, model_io.ModelMetadata("training", model, tax, spec, fold=0))
+    page = report.render_report(str(tmp_path))
+    per_class = page[page.index('id="per-class"') : page.index('id="confusion"')]
+    for name in tax.class_names:
+        assert f">{name}<" in per_class
+    assert per_class.count("no clinical reading defined") == 3
+    assert "Dyskeratotic" not in page and "Bethesda" not in page
+    assert "<title>cell_folder cell classification" in page
+    abnormal = page[page.index('id="abnormal"') : page.index('id="calibration"')]
+    assert "no clinical reading defined" in abnormal and "Sensitivity" not in abnormal

@@ -168,10 +168,28 @@ def test_dropout_only_in_training_mode():
 
 
 def test_headless_model_returns_pooled_features():
-    model = _tiny(num_classes=0, stage_sizes=(1, 1, 1, 1))
-    model.eval()
-    out = model(jnp.zeros((2, 32, 32, 3)))
-    assert out.shape == (2, 64) and model.fc is None
+    """A headless model (num_classes=0) returns the global average of the last stage's
+    activations: computed here by hand from a full model with the same backbone weights, whose
+    head applied to those features gives its logits."""
+    full = _tiny(num_classes=5, stage_sizes=(1, 1, 1, 1))
+    headless = _tiny(num_classes=0, stage_sizes=(1, 1, 1, 1))
+    assert headless.fc is None and headless.num_features == 64
+    backbone = nnx.state(full, nnx.Any(nnx.Param, nnx.BatchStat))
+    backbone = nnx.to_pure_dict(backbone)
+    del backbone["fc"]
+    state = nnx.state(headless, nnx.Any(nnx.Param, nnx.BatchStat))
+    nnx.replace_by_pure_dict(state, backbone)
+    nnx.update(headless, state)
+    for m in (full, headless):
+        m.eval()
+    x = jax.random.normal(jax.random.key(7), (2, 64, 64, 3))  # 2 x 2 maps: a real average
+    out = np.asarray(headless(x))
+    activations = np.asarray(full.features(x, 4), np.float64)
+    assert activations.shape == (2, 2, 2, 64) and out.shape == (2, 64)
+    pooled = activations.sum(axis=(1, 2)) / 4.0
+    np.testing.assert_allclose(out, pooled, rtol=1e-5, atol=1e-6)
+    kernel, bias = np.asarray(full.fc.kernel[...]), np.asarray(full.fc.bias[...])
+    np.testing.assert_allclose(np.asarray(full(x)), pooled @ kernel + bias, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -188,15 +206,16 @@ def test_bad_arguments_are_named(kwargs, match):
         _tiny(**kwargs)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_pointwise_conv_equals_a_real_1x1_convolution(stride):
-    """The matmul form of 1x1 convolutions against lax.conv_general_dilated, values and
-    gradients, odd sizes included (a stride-2 conv keeps ceil(H/2) rows)."""
-    from sipak_jax.models.resnet import PointwiseConv
-
-    conv = PointwiseConv(6, 4, (1, 1), strides=stride, padding="VALID", rngs=nnx.Rngs(0))
-    conv.bias[...] = jnp.arange(4.0)
-    x = jax.random.normal(jax.random.key(5), (2, 7, 9, 6))
+@pytest.mark.parametrize("layer, stride", [("conv3", 1), ("conv1", 2)])
+def test_the_models_1x1_convolutions_equal_real_ones(layer, stride):
+    """The 1x1 convolutions of a ResNet (computed as matrix products, `models/conv.py`) against
+    lax.conv_general_dilated: values and gradients, with a bias (Keras's v1 variant), odd
+    sizes included (a stride-2 1x1 convolution keeps ceil(H/2) rows)."""
+    model = ResNet(50, 3, variant="v1", width=8, stage_sizes=(1, 1, 1, 1), rngs=nnx.Rngs(0))
+    conv = getattr(model.layer2[0], layer)
+    assert conv.kernel_size == (1, 1) and conv.strides == (stride, stride)
+    conv.bias[...] = jnp.arange(conv.out_features, dtype=jnp.float32) / 10
+    x = jax.random.normal(jax.random.key(5), (2, 7, 9, conv.in_features))
     kernel, bias = conv.kernel[...], conv.bias[...]
 
     def ref(x, kernel, bias):
@@ -206,6 +225,7 @@ def test_pointwise_conv_equals_a_real_1x1_convolution(stride):
         return jnp.sum(jnp.sin(y + bias))
 
     ours = lambda conv, x: jnp.sum(jnp.sin(conv(x)))
+    assert conv(x).shape == (2, 7 if stride == 1 else 4, 9 if stride == 1 else 5, conv.out_features)
     np.testing.assert_allclose(ours(conv, x), ref(x, kernel, bias), rtol=1e-5)
     gx, gk, gb = jax.grad(ref, argnums=(0, 1, 2))(x, kernel, bias)
     np.testing.assert_allclose(jax.grad(ours, argnums=1)(conv, x), gx, rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ from saliency_fixtures import tiny_model
 
 from sipak_jax import explain, model_io, preprocessing
 from sipak_jax.saliency import overlay
+from tfds_sipakmed.taxonomy import Taxonomy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,8 +20,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     spec = preprocessing.spec_for("scratch", image_size=64, resize="pad")
-    names = ["a", "b", "c", "d", "e"]
-    model_io.save_model_dir(path / "m", tiny_model(), {"class_names": names, "preprocessing": spec})
+    model = tiny_model()
+    meta = model_io.ModelMetadata(
+        kind="converted",
+        model=model.config(),
+        taxonomy=Taxonomy.bare(["a", "b", "c", "d", "e"]),
+        preprocessing=spec,
+    )
+    model_io.save_model_dir(path / "m", model, meta)
     return str(path / "m")
 
 
@@ -68,7 +75,7 @@ def test_overlay_keeps_unimportant_pixels_and_save_png_never_overwrites(tmp_path
 def test_overlay_batch_for_tensorboard(model_dir):
     model, meta = model_io.load_model_dir(model_dir)
     imgs = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
-    out = overlay.overlay_batch(model, imgs, meta["preprocessing"], "gradcam", stage=3)
+    out = overlay.overlay_batch(model, imgs, meta.preprocessing, "gradcam", stage=3)
     assert out.shape == (3, 64, 64, 3) and out.dtype == np.float32
     assert 0 <= out.min() and out.max() <= 1
 

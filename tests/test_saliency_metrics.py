@@ -176,12 +176,17 @@ def test_saliency_eval_command_on_the_synthetic_manual_dir(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     manual = tmp_path / "manual"
     synthetic.write_synthetic(str(manual), cells_per_class=6, seed=0)
+    from tfds_sipakmed.taxonomy import Taxonomy
+
     spec = preprocessing.spec_for("scratch", image_size=64, resize="pad")
-    model_io.save_model_dir(
-        tmp_path / "m",
-        tiny_model(),
-        {"class_names": [f"c{i}" for i in range(5)], "preprocessing": spec},
+    model = tiny_model()
+    meta = model_io.ModelMetadata(
+        kind="converted",
+        model=model.config(),
+        taxonomy=Taxonomy.bare([f"c{i}" for i in range(5)]),
+        preprocessing=spec,
     )
+    model_io.save_model_dir(tmp_path / "m", model, meta)
     out = tmp_path / "r.json"
     cmd = [
         sys.executable,

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sipak_jax.classes import CLASS_NAMES
 from tfds_sipakmed import layout, synthetic
+from tfds_sipakmed.taxonomy import SIPAKMED
+
+CLASS_NAMES = SIPAKMED.class_names
 
 _LINE = re.compile(r"^-?\d+(\.\d+)?,-?\d+(\.\d+)?$")
 

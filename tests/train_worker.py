@@ -1,12 +1,13 @@
 """A training run in its own process, for the tests that need fresh JAX processes.
 
-    python tests/train_worker.py --workdir=W --data_dir=D --out=params.npz
+    python tests/train_worker.py --workdir=W --data_dir=D --out=result.json
         [--overrides='{"num_epochs": 2}'] [--coordinator_address=127.0.0.1:P
         --num_processes=2 --process_id=I] [--emulate_processes=2]
 
-Trains the tiny test config (`tiny_config`) with `train.train_one_fold` and writes the final
-training state (parameters, BatchNorm statistics, step) of this process to `--out` as .npz,
-plus `--out`.json with the returned results. The device count comes from XLA_FLAGS
+Trains the tiny test config (`tiny_config`) with `train.train_one_fold` and writes the returned
+results (without the per-example predictions) to `--out` as JSON. The tests compare runs through
+what the run leaves on disk (the final checkpoint, `tests/test_train.py::final_weights`), never
+through hooks in the trainer. The device count comes from XLA_FLAGS
 (`--xla_force_host_platform_device_count=N`), set by the caller.
 
 `--emulate_processes=P` (one process only) makes the training batches exactly those a run over
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config(data_dir: str, **overrides):
-    """A small ResNet on 32x32 synthetic cells: a few seconds a step on 2 CPU cores."""
+    """A small ResNet on 32x32 synthetic cells: a few seconds a step on 2 CPU cores.
+    Evaluates the test fold with calibration (`evaluators`); overrides may add more."""
     from configs import demo
 
     config = demo.get_config()
@@ -37,9 +39,7 @@ def tiny_config(data_dir: str, **overrides):
     config.log_every_steps = 5
     config.num_overlay_cells = 2
     config.writer = "jsonl"
-    config.report = False
-    config.shortcuts = False
-    config.calibrate = True
+    config.evaluators = ("calibration", "test")
     config.prefetch = 1
     for key, value in overrides.items():
         target = config
@@ -70,20 +70,13 @@ def _emulate_processes(n: int):
         return out
 
     def train_batches(cache, global_batch_size, mesh, seed, start_step=0, **kwargs):
-        caches = emulated["train"]
-        local = global_batch_size // n
+        import grain
 
-        def produce():
-            step = int(start_step)
-            while True:
-                parts = []
-                for c in caches:
-                    rows = ip.train_rows(c, global_batch_size, seed, step)
-                    parts.append(ip._host_batch(c, rows, local))
-                yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                step += 1
-
-        return ip.BatchIterator(produce(), mesh, kwargs.get("prefetch", 2))
+        parts = [ip.train_dataset(c, global_batch_size, seed) for c in emulated["train"]]
+        joined = grain.experimental.ZipMapDataset(parents=parts).map(
+            lambda batches: {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        )
+        return ip.device_batches(joined, mesh, start=start_step, prefetch=kwargs.get("prefetch", 2))
 
     def steps_per_epoch(cache, global_batch_size):
         return ip_steps(emulated["train"][0], global_batch_size)
@@ -113,31 +106,14 @@ def main():
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     import jax
-    import numpy as np
 
     from sipak_jax import train
 
     if args.emulate_processes > 1:
         _emulate_processes(args.emulate_processes)
     config = tiny_config(args.data_dir, **json.loads(args.overrides))
-    final = {}
-
-    def keep(state):
-        host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
-        final["params"] = host.params
-        final["batch_stats"] = host.batch_stats
-        final["step"] = int(host.step)
-
-    result = train.train_one_fold(config, args.workdir, int(config.fold), final_state_callback=keep)
-    if final:
-        flat = {}
-        for name in ("params", "batch_stats"):
-            leaves = jax.tree_util.tree_flatten_with_path(final[name])[0]
-            for path, leaf in leaves:
-                flat[f"{name}{jax.tree_util.keystr(path)}"] = leaf
-        flat["step"] = np.asarray(final["step"])
-        np.savez(args.out, **flat)
-    with open(args.out + ".json", "w") as f:
+    result = train.train_one_fold(config, args.workdir, int(config.fold))
+    with open(args.out, "w") as f:
         json.dump(
             {k: v for k, v in result.items() if k != "predictions"},
             f,

@@ -8,6 +8,8 @@ machines without TFDS or TensorFlow:
   contours, read the BMP crops, check annotations; `iter_cells(manual_dir)`.
 - `tfds_sipakmed.folds`: the deterministic grouped (or cell-level) 5-fold assignment.
 - `tfds_sipakmed.synthetic`: the procedural stand-in dataset.
+- `tfds_sipakmed.taxonomy`: each dataset's classes, groupings, abnormal set and clinical
+  readings (`SIPAKMED`, `for_dataset`); standard library only.
 """
 
 try:  # Registering needs tensorflow_datasets (not TensorFlow itself: tfds imports TF lazily).

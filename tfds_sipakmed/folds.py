@@ -4,7 +4,7 @@ SIPaKMeD has no official split and no patient or slide ids. Cells of one cluster
 slide, stain, focus and background, so a cell-level random split puts near-duplicates on both
 sides. The leak-free protocol groups by cluster image, `cluster_id = <Class>/NNN`.
 
-`grouped` (the default, leak-free), for each class in `CLASS_NAMES` order:
+`grouped` (the default, leak-free), for each class in label order (`SIPAKMED.class_names`):
   1. count the class's cells per cluster;
   2. order its clusters by decreasing cell count, ties by `sha256(cluster_id)` (hex, UTF-8);
   3. give each cluster in turn to the fold with the fewest cells of this class; ties go to the
@@ -12,7 +12,7 @@ sides. The leak-free protocol groups by cluster image, `cluster_id = <Class>/NNN
   Every cluster lands in exactly one fold; each fold holds close to 1/5 of every class.
 
 `random_cells` (leaks; only to compare with published cell-level numbers), for each class in
-`CLASS_NAMES` order (class index c): order its cells by `sha256(file_name)`; the cell of rank
+label order (class index c): order its cells by `sha256(file_name)`; the cell of rank
 r goes to fold `(r + c) % 5`.
 
 Both are pure functions of the set of (cluster_id, file_name) pairs: the same data gives the same
@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from sipak_jax.classes import CLASS_NAMES
+from tfds_sipakmed.taxonomy import SIPAKMED
 
 CONFIGS = ("grouped", "random_cells")
 NUM_FOLDS = 5
@@ -41,7 +41,7 @@ def _get(cell, key) -> str:
 
 def _class_of(cell) -> str:
     cls = _get(cell, "cluster_id").rsplit("/", 1)[0]
-    if cls not in CLASS_NAMES:
+    if cls not in SIPAKMED.class_names:
         raise ValueError(f"cluster_id {_get(cell, 'cluster_id')!r} does not start with a class")
     return cls
 
@@ -58,18 +58,18 @@ def assign_folds(cells: Sequence, config: str = "grouped", num_folds: int = NUM_
     names = [_get(c, "file_name") for c in cells]
     if len(set(names)) != len(names):
         raise ValueError("assign_folds: duplicate file_name among the cells")
-    by_class: dict[str, list[int]] = {c: [] for c in CLASS_NAMES}
+    by_class: dict[str, list[int]] = {c: [] for c in SIPAKMED.class_names}
     for i, c in enumerate(cells):
         by_class[_class_of(c)].append(i)
     folds = [-1] * len(names)
     if config == "random_cells":
-        for ci, cls in enumerate(CLASS_NAMES):
+        for ci, cls in enumerate(SIPAKMED.class_names):
             for rank, i in enumerate(sorted(by_class[cls], key=lambda i: _hash(names[i]))):
                 folds[i] = (rank + ci) % num_folds
         return folds
 
     total = [0] * num_folds
-    for cls in CLASS_NAMES:
+    for cls in SIPAKMED.class_names:
         clusters: dict[str, list[int]] = {}
         for i in by_class[cls]:
             clusters.setdefault(_get(cells[i], "cluster_id"), []).append(i)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from sipak_jax.classes import CLASS_NAMES, LABEL_2CLASS, LABEL_3CLASS
+from tfds_sipakmed.taxonomy import SIPAKMED
 
 DOWNLOAD_PAGE = "https://www.cs.uoi.gr/~marina/sipakmed.html"
 PUBLISHED_COUNTS = {
@@ -38,7 +38,7 @@ PUBLISHED_COUNTS = {
     "Parabasal": 787,
     "Superficial-Intermediate": 831,
 }
-ARCHIVE_NAMES = tuple(f"im_{c}.7z" for c in CLASS_NAMES)
+ARCHIVE_NAMES = tuple(f"im_{c}.7z" for c in SIPAKMED.class_names)
 CHECKSUMS_TSV = os.path.join(os.path.dirname(__file__), "sipakmed", "checksums.tsv")
 ENV_ARCHIVE_CHECKSUMS = "SIPAKMED_ARCHIVE_CHECKSUMS"
 
@@ -177,7 +177,7 @@ def find_sources(manual_dir: str) -> dict[str, ClassSource]:
     if not entries:
         raise SipakmedError(f"The manual dir {manual_dir} is empty. {_missing_help()}")
     sources, missing = {}, []
-    for cls in CLASS_NAMES:
+    for cls in SIPAKMED.class_names:
         folder = os.path.join(manual_dir, f"im_{cls}")
         archive = folder + ".7z"
         has_folder, has_archive = os.path.isdir(folder), os.path.isfile(archive)
@@ -233,7 +233,7 @@ class CellRef:
 
     @property
     def label(self) -> int:
-        return CLASS_NAMES.index(self.class_name)
+        return SIPAKMED.class_names.index(self.class_name)
 
 
 def _scan_cropped(cls: str, cropped: str, warn: Callable[[str], None]) -> list[CellRef]:
@@ -469,8 +469,8 @@ def load_cell(ref: CellRef) -> dict:
     return {
         "image": image,
         "label": label,
-        "label_3class": LABEL_3CLASS[label],
-        "label_2class": LABEL_2CLASS[label],
+        "label_3class": SIPAKMED.view_labels("3class")[label],
+        "label_2class": SIPAKMED.view_labels("2class")[label],
         "cluster_id": ref.cluster_id.encode(),
         "cell_index": ref.cell_index,
         "file_name": ref.file_name.encode(),
@@ -512,16 +512,16 @@ def iter_cells(
 
 def count_by_class(refs) -> dict[str, int]:
     """{class: number of cells} for CellRefs or example dicts."""
-    counts = dict.fromkeys(CLASS_NAMES, 0)
+    counts = dict.fromkeys(SIPAKMED.class_names, 0)
     for r in refs:
-        counts[r.class_name if isinstance(r, CellRef) else CLASS_NAMES[r["label"]]] += 1
+        counts[r.class_name if isinstance(r, CellRef) else SIPAKMED.class_names[r["label"]]] += 1
     return counts
 
 
 def count_report(counts: Mapping[str, int]) -> tuple[list[str], list[str]]:
     """(lines of the per-class count table, warnings where counts differ from the published)."""
     lines, warnings = [], []
-    for cls in CLASS_NAMES:
+    for cls in SIPAKMED.class_names:
         n, want = counts.get(cls, 0), PUBLISHED_COUNTS[cls]
         lines.append(f"  {cls:<25} {n:5d} cells (published: {want})")
         if n != want:

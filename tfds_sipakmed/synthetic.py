@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from sipak_jax.classes import CLASS_NAMES
 from tfds_sipakmed.layout import polygon_area, sha256_file
+from tfds_sipakmed.taxonomy import SIPAKMED
 
 CROP_MARGIN = 10  # px added on each side of the cell contour's bounding box (real data: ~10)
 SYNTHETIC_CHECKSUMS = "SYNTHETIC_SHA256SUMS"  # written next to synthetic archives
@@ -536,7 +536,7 @@ def write_synthetic(
     *,
     scale: float = 0.5,
     bad_annotation_rate: float = 0.012,
-    classes=CLASS_NAMES,
+    classes=SIPAKMED.class_names,
     verbose: bool = False,
 ) -> dict:
     """Writes a synthetic SIPaKMeD tree under `out_dir`; returns {class: number of cells}.

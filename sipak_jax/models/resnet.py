@@ -18,6 +18,11 @@ the network up to the end of stage ``stage`` (1..4; 0 is the stem after max pool
 ``classify(h, stage)`` runs the rest, so ``model.classify(model.features(x, s), s) ==
 model(x)`` and ``jax.grad`` of ``classify`` is the gradient with respect to that stage.
 
+Convolutions are ``nnx.Conv`` modules (parameters and tree paths as ever) computed through
+``sipak_jax.models.conv.conv_general_dilated``, which writes 1x1 convolutions and those on
+small maps as matrix products; the stem's max pooling has a scatter-free gradient
+(``sipak_jax.models.pooling``). Both only change how XLA:CPU computes the same numbers.
+
 Attribute names follow torchvision (``conv1``, ``bn1``, ``layer1`` ... ``layer4``, blocks
 ``conv1/bn1/conv2/bn2[/conv3/bn3]``, shortcut ``downsample_conv``/``downsample_bn``, head
 ``fc``), so that ``sipak_jax.convert`` maps each tensor of a weights file by name.
@@ -28,6 +33,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sipak_jax.models import conv, pooling
 
 # depth -> (block kind, blocks per stage)
 DEPTHS = {
@@ -51,28 +58,6 @@ _VARIANT_SETTINGS = {
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class PointwiseConv(nnx.Conv):
-    """A 1x1 convolution (optionally strided) computed as a matrix product over channels.
-
-    Same parameters as ``nnx.Conv`` (kernel [1, 1, in, out], optional bias) and the same
-    result: a stride-s 1x1 convolution without padding is the 1x1 convolution of
-    ``x[:, ::s, ::s]``. Written as ``dot_general`` its gradients are matrix products too;
-    XLA:CPU's kernel gradient of a 1x1 ``conv_general_dilated`` was about 7x slower than the
-    equivalent matmul here (ResNet-50 has 36 such convolutions).
-    """
-
-    def __call__(self, x):
-        sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
-        if sh > 1 or sw > 1:
-            x = x[:, ::sh, ::sw, :]
-        dtype = self.dtype or x.dtype
-        kernel = self.kernel[...].astype(dtype)[0, 0]
-        y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
-
-
 class _Layers:
     """Builds the convolutions and BatchNorms of one model with shared settings."""
 
@@ -85,8 +70,7 @@ class _Layers:
 
     def conv(self, cin, cout, kernel, stride=1):
         pad = (kernel - 1) // 2  # symmetric, as both Keras (ZeroPadding/SAME at stride 1) and torch
-        cls = PointwiseConv if kernel == 1 else nnx.Conv
-        return cls(
+        return nnx.Conv(
             cin,
             cout,
             kernel_size=(kernel, kernel),
@@ -96,6 +80,7 @@ class _Layers:
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=_conv_init,
+            conv_general_dilated=conv.conv_general_dilated,
             rngs=self.rngs,
         )
 
@@ -174,11 +159,7 @@ class Bottleneck(nnx.Module):
 def _max_pool_3x3_s2(x):
     """3x3 max pooling, stride 2, padding 1 (torch's MaxPool2d(3, 2, 1); Keras pads with zeros
     after a ReLU, which gives the same result because the input is non-negative)."""
-    # A Python scalar init lets JAX recognise the max monoid (reduce_window_max, which has a
-    # gradient); an array init would select the generic, non-differentiable reduce_window.
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    )
+    return pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 class ResNet(nnx.Module):

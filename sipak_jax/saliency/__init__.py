@@ -11,6 +11,10 @@ Methods (see each module): the CAM family (`cam.py`), gradients and SmoothGrad
 (`gradients.py`), Integrated Gradients and Blur IG (`integrated.py`), XRAI (`xrai.py`),
 occlusion (`occlusion.py`). Overlays: `overlay.py`; evaluation: `metrics.py`.
 
+The CAM family works at any stage (`stage=1..4`); `overlay_stage(model, image_size)` is the
+stage overlays use (the deepest whose map is at least `MIN_MAP_SIZE` x `MIN_MAP_SIZE`, see
+`cam.py`), `stage_map_sizes` gives each stage's map size and `layer_name` its layer's name.
+
 How a [B,H,W,C] attribution becomes a 2-D map: signed attributions (IG, Blur IG, gradient x
 input) are summed over channels; gradient magnitudes (vanilla gradient, SmoothGrad mean) sum
 |g| over channels (PAIR's `VisualizeImageGrayscale`); squared SmoothGrad and VarGrad are summed.
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sipak_jax.saliency import cam, gradients, imageops, integrated, occlusion, xrai
+from sipak_jax.saliency.cam import MIN_MAP_SIZE, layer_name, overlay_stage, stage_map_sizes
 from sipak_jax.saliency.core import ModelFunctions, as_functions, check_score
 
 
@@ -265,10 +270,14 @@ def explain(
 
 __all__ = [
     "METHODS",
+    "MIN_MAP_SIZE",
     "Explanation",
     "Method",
     "ModelFunctions",
     "explain",
+    "layer_name",
     "normalize_maps",
+    "overlay_stage",
     "register",
+    "stage_map_sizes",
 ]

@@ -8,6 +8,10 @@ At the last stage of a ResNet (global average pooling + Dense) the gradient with
 the activations is `W[:, c] / (h*w)` at every position, so Grad-CAM, HiResCAM and XGradCAM
 all equal CAM, `relu(A @ W[:, c]) / (h*w)` (up to a positive factor for XGradCAM); they differ
 at inner stages.
+
+Which stage a map resolves a cell at depends on the input size: `overlay_stage` picks the
+deepest stage whose map is at least `MIN_MAP_SIZE` cells on each side (what every overlay a
+person looks at uses: training's TensorBoard overlays, the run's report artifacts, predict).
 """
 
 from __future__ import annotations
@@ -17,13 +21,56 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sipak_jax.models.resnet import NUM_STAGES
 from sipak_jax.saliency import imageops
-from sipak_jax.saliency.core import ModelFunctions, select_score
+from sipak_jax.saliency.core import ModelFunctions, as_functions, select_score
 from sipak_jax.saliency.gradients import map_batches
 
 GRADIENT_CAMS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 CAMS = GRADIENT_CAMS + ("eigencam", "scorecam")
-_EPS = 1e-7
+_EPS = 1e-7  # XGradCAM's denominator (pytorch-grad-cam's)
+# Grad-CAM++'s denominator term: pytorch-grad-cam's 1e-6. Not negligible: at a logit's gradient
+# scale (about 1e-3 per position at the last stage) eps 1e-7 or 0 moved the maps of a random
+# ResNet by 10-20% of their maximum (tests/test_cam_reference.py).
+_PLUSPLUS_EPS = 1e-6
+
+# The overlay stage rule: the deepest stage whose map is at least this many cells on each side.
+# 7 is the last stage of a ResNet at 224 px (the Grad-CAM paper's 7x7), so the main model keeps
+# the textbook layer4; a 64 px input (the demo) gets layer2's 8x8 map, where layer4's 2x2 map
+# would put every cell's evidence in the same quadrant.
+MIN_MAP_SIZE = 7
+
+
+def layer_name(stage: int) -> str:
+    """The ResNet attribute holding `stage`'s blocks (`layer1`..`layer4`, torchvision's names;
+    `stem` for 0)."""
+    return "stem" if stage == 0 else f"layer{stage}"
+
+
+def stage_map_sizes(model, image_size: int) -> dict[int, tuple[int, int]]:
+    """{stage: (h, w)} of each stage's activations (1..4) for a square `image_size` input,
+    from shapes only (`jax.eval_shape`: nothing is computed)."""
+    fns = as_functions(model)
+    x = jax.ShapeDtypeStruct((1, int(image_size), int(image_size), 3), jnp.float32)
+    out = {}
+    for stage in range(1, NUM_STAGES + 1):
+        shape = jax.eval_shape(functools.partial(fns.features_pure, stage=stage), fns.state, x)
+        out[stage] = (int(shape.shape[1]), int(shape.shape[2]))
+    return out
+
+
+def overlay_stage(model, image_size: int, min_size: int = MIN_MAP_SIZE) -> int:
+    """The stage the overlays use: the deepest whose map is at least `min_size` x `min_size`
+    for an `image_size` input (stage 1 when none is). ResNet at 224 px: 4 (7x7); at 64 px: 2
+    (8x8). Cached on a `ModelFunctions` (the training loop asks every epoch)."""
+    fns = as_functions(model)
+
+    def pick():
+        sizes = stage_map_sizes(fns, image_size)
+        fit = [s for s, (h, w) in sizes.items() if min(h, w) >= min_size]
+        return max(fit) if fit else 1
+
+    return fns.cached(("overlay_stage", int(image_size), int(min_size)), pick)
 
 
 def cam_from_gradients(kind: str, acts: jax.Array, grads: jax.Array) -> jax.Array:
@@ -40,11 +87,11 @@ def cam_from_gradients(kind: str, acts: jax.Array, grads: jax.Array) -> jax.Arra
         weights = jnp.sum(grads * acts, axis=(1, 2)) / (denom + _EPS)
         cam = jnp.einsum("bhwc,bc->bhw", acts, weights)
     elif kind == "gradcam++":
-        # Chattopadhay et al. 2018, as pytorch-grad-cam computes it.
+        # Chattopadhay et al. 2018 (eq. 19 with the ReLU of eq. 7), as pytorch-grad-cam.
         g2 = grads**2
         g3 = g2 * grads
         sum_acts = jnp.sum(acts, axis=(1, 2))
-        aij = g2 / (2 * g2 + sum_acts[:, None, None, :] * g3 + _EPS)
+        aij = g2 / (2 * g2 + sum_acts[:, None, None, :] * g3 + _PLUSPLUS_EPS)
         aij = jnp.where(grads != 0, aij, 0.0)
         weights = jnp.sum(jnp.maximum(grads, 0) * aij, axis=(1, 2))
         cam = jnp.einsum("bhwc,bc->bhw", acts, weights)
@@ -94,8 +141,9 @@ def _eigen_cam_pure(fns, stage, state, x):
 
 def score_cam(fns: ModelFunctions, x, target, score="logit", stage=4, batch_size=64, state=None):
     """Score-CAM (Wang et al. 2020) [B,h,w], as pytorch-grad-cam: each channel's activation,
-    upsampled and min-max scaled to [0, 1], masks the input; the weights are the softmax over
-    channels of the target's score on the masked inputs. C forward passes per image."""
+    upsampled (corner-aligned bilinear) and min-max scaled to [0, 1], masks the input; the
+    weights are the softmax over channels of the target's score on the masked inputs. C
+    forward passes per image."""
     fn = fns.cached(
         ("scorecam", score, stage, int(batch_size)),
         lambda: jax.jit(functools.partial(_score_cam_pure, fns, score, stage, int(batch_size))),
@@ -107,12 +155,13 @@ def _score_cam_pure(fns, score, stage, batch_size, state, x, target):
     acts = fns.features_pure(state, x, stage).astype(jnp.float32)
     b, h, w, c = acts.shape
     size = x.shape[1:3]
-    # [B*C, h, w] channel maps -> input size, min-max per channel.
+    # [B*C, h, w] channel maps -> input size (corner-aligned bilinear, as torch's
+    # UpsamplingBilinear2d in pytorch-grad-cam), min-max per channel (a constant channel: 0).
     chan = jnp.transpose(acts, (0, 3, 1, 2)).reshape(b * c, h, w)
-    up = imageops.resize_maps(chan, size, "bilinear")
+    up = imageops.resize_maps(chan, size, "align_corners")
     lo = jnp.min(up, axis=(1, 2), keepdims=True)
     hi = jnp.max(up, axis=(1, 2), keepdims=True)
-    up = (up - lo) / jnp.maximum(hi - lo, 1e-8)
+    up = (up - lo) / (hi - lo + 1e-8)
     up = up.reshape(b, c, *size)
 
     def scores_of(idx):

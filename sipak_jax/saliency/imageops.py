@@ -69,12 +69,21 @@ def _mirror_coords(n_out: int, n_in: int) -> jax.Array:
     return (jnp.arange(n_out, dtype=jnp.float32) + 0.5) * (n_in / n_out) - 0.5
 
 
+def _corner_coords(n_out: int, n_in: int) -> jax.Array:
+    # align_corners: output pixel i maps to input coordinate i * (n_in - 1) / (n_out - 1).
+    if n_out == 1:
+        return jnp.zeros((1,), jnp.float32)
+    return jnp.arange(n_out, dtype=jnp.float32) * ((n_in - 1) / (n_out - 1))
+
+
 def resize_maps(maps: jax.Array, size: tuple[int, int], method: str = "skimage") -> jax.Array:
     """Resize 2-D maps [B,h,w] to [B,H,W] bilinearly.
 
     'skimage': scikit-image's `resize(order=1, mode='reflect')` (PAIR's Grad-CAM), i.e.
       half-pixel coordinates with mirrored borders (matches it to about 5e-7).
     'bilinear': `jax.image.resize` (the cv2 / pytorch-grad-cam convention; edges clamp).
+    'align_corners': corner pixel centres onto corner pixel centres (torch's
+      `UpsamplingBilinear2d`, which pytorch-grad-cam's Score-CAM uses for its masks).
     """
     maps = jnp.asarray(maps, jnp.float32)
     b, h, w = maps.shape
@@ -83,14 +92,18 @@ def resize_maps(maps: jax.Array, size: tuple[int, int], method: str = "skimage")
         return maps
     if method == "bilinear":
         return jax.image.resize(maps, (b, out_h, out_w), "bilinear")
-    if method != "skimage":
-        raise ValueError(f"resize method must be 'skimage' or 'bilinear', got {method!r}")
-    rows = _mirror_coords(out_h, h)
-    cols = _mirror_coords(out_w, w)
+    if method == "skimage":
+        rows, cols, mode = _mirror_coords(out_h, h), _mirror_coords(out_w, w), "mirror"
+    elif method == "align_corners":
+        rows, cols, mode = _corner_coords(out_h, h), _corner_coords(out_w, w), "nearest"
+    else:
+        raise ValueError(
+            f"resize method must be 'skimage', 'bilinear' or 'align_corners', got {method!r}"
+        )
     rr, cc = jnp.meshgrid(rows, cols, indexing="ij")
 
     def one(m):
-        return jax.scipy.ndimage.map_coordinates(m, [rr, cc], order=1, mode="mirror")
+        return jax.scipy.ndimage.map_coordinates(m, [rr, cc], order=1, mode=mode)
 
     return jax.vmap(one)(maps)
 

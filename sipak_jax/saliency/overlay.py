@@ -71,6 +71,7 @@ def overlay_batch(
     method: str = "gradcam",
     target=None,
     *,
+    stage: int | None = None,
     alpha: float = DEFAULT_ALPHA,
     **options,
 ) -> np.ndarray:
@@ -82,6 +83,8 @@ def overlay_batch(
     images_uint8: [B,S,S,3] uint8 RGB inputs (already resized, as the input pipeline holds
       them); normalised here with `spec` (the model's `preprocessing` dict).
     target: None (predicted class) or the true labels [B].
+    stage: the CAM family's stage; None: `saliency.overlay_stage(model, S)` (the deepest stage
+      whose map is at least 7x7: layer2 at 64 px, layer4 at 224 px).
     Returns float32 [B,S,S,3] in [0, 1] (clu's `write_images` format).
     """
     from sipak_jax import saliency
@@ -92,6 +95,8 @@ def overlay_batch(
             f"overlay_batch needs uint8 RGB images [B,S,S,3], got {imgs.dtype} {imgs.shape}"
         )
     x = preprocessing.normalize(imgs, spec)
-    result = saliency.explain(model, x, method, target=target, spec=spec, **options)
+    if stage is None:
+        stage = saliency.overlay_stage(model, imgs.shape[1])
+    result = saliency.explain(model, x, method, target=target, stage=stage, spec=spec, **options)
     out = np.stack([overlay(imgs[i], result.normalized[i], alpha) for i in range(len(imgs))])
     return out.astype(np.float32) / 255.0

@@ -18,9 +18,9 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sipak_jax.classes import CLASS_NAMES, CLASS_NAMES_2, CLASS_NAMES_3
 from tfds_sipakmed import folds as folds_lib
 from tfds_sipakmed import layout
+from tfds_sipakmed.taxonomy import SIPAKMED
 
 _DESCRIPTION = """\
 SIPaKMeD (Plissiti et al., ICIP 2018): 4049 cropped cervical cells from Pap smear images, five
@@ -40,6 +40,10 @@ _RANDOM = (
     "cell level, so cells of one cluster image (same slide, stain, focus and background) land "
     "in different folds and test scores are inflated."
 )
+
+
+def _view_label(view: str) -> tfds.features.ClassLabel:
+    return tfds.features.ClassLabel(names=list(SIPAKMED.view_names(view)))
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -76,9 +80,9 @@ variable {layout.ENV_ARCHIVE_CHECKSUMS}=FILE.
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                    "label_3class": tfds.features.ClassLabel(names=list(CLASS_NAMES_3)),
-                    "label_2class": tfds.features.ClassLabel(names=list(CLASS_NAMES_2)),
+                    "label": tfds.features.ClassLabel(names=list(SIPAKMED.class_names)),
+                    "label_3class": _view_label("3class"),
+                    "label_2class": _view_label("2class"),
                     "cluster_id": tfds.features.Text(),
                     "cell_index": tfds.features.Scalar(dtype=np.int32),
                     "file_name": tfds.features.Text(),

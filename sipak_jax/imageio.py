@@ -1,0 +1,33 @@
+"""Reading the image files a user gives to `predict` and `explain`.
+
+- `IMAGE_EXTENSIONS`: what counts as an image when a directory is given (a file named
+  explicitly is tried whatever its extension).
+- `is_image_file(path)`: a path with one of those extensions.
+- `read_for_model(path, spec)`: one file -> the network input under the model's preprocessing
+  (`sipak_jax.preprocessing.read_image` then `preprocess_image`), never raising: an unreadable
+  file is reported as an error string so that the other files still run.
+"""
+
+from __future__ import annotations
+
+import os
+
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when `path` ends in one of `IMAGE_EXTENSIONS` (any case)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_for_model(path: str, spec: dict, keep_original: bool = False):
+    """(uint8 [S, S, 3] network input, original RGB or None, None) or (None, None, error)."""
+    from sipak_jax import preprocessing
+
+    try:
+        rgb = preprocessing.read_image(path)
+        return preprocessing.preprocess_image(rgb, spec), (rgb if keep_original else None), None
+    except (OSError, ValueError) as e:
+        return None, None, str(e) or type(e).__name__
+    except Exception as e:  # noqa: BLE001 - e.g. cv2.error on an exotic file: report, go on
+        return None, None, f"{type(e).__name__}: {e}"
