@@ -1,12 +1,13 @@
 """Benchmark: ResNet training step / inference, Flax (ours) beside torchvision, as a time ratio.
 
 The same network (torchvision ``resnet18/34/50``, channels_last, and our ``ResNet(depth,
-1000, variant="v1.5")``), batch, resolution and optimizer (AdamW), measured in one process,
-alternating: after a warm-up, ``--repeats`` rounds of ``--steps`` steps of each contender in
-turn; the median milliseconds per step of each and the ratio ours / PyTorch are printed
-(time ratio: 1.0 = as fast, 1.5 = half as fast again as PyTorch; lower is better).
-Compilation is timed apart. Training = forward + backward + AdamW update (BatchNorm in
-training mode, state buffers donated); inference = eval-mode forward.
+1000, variant="v1.5")``), batch, resolution and optimizer (AdamW), measured alternating
+(PyTorch in a child process, ``torch_reference.py``; never both at once): after a warm-up,
+``--repeats`` rounds of ``--steps`` steps of each contender in turn; the median milliseconds
+per step of each and the ratio ours / PyTorch are printed (time ratio: 1.0 = as fast, 1.5 =
+half as fast again as PyTorch; lower is better). Compilation is timed apart. Training =
+forward + backward + AdamW update (BatchNorm in training mode, state buffers donated);
+inference = eval-mode forward.
 
     python benchmarks/model.py [--depth=18] [--image_size=64] [--batch_sizes=32]
         [--dtypes=float32] [--modes=train] [--steps=3] [--repeats=5]
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -42,7 +44,8 @@ sys.path.insert(0, REPO)
 
 # Forward GFLOP at 224x224 (2 x GMAC); training costs about 3x the forward pass.
 FWD_GFLOP_224 = {18: 3.64, 34: 7.34, 50: 8.18}
-LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-4
+LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-4  # torch_reference.py uses the same
+CHILDREN: list[subprocess.Popen] = []  # PyTorch reference processes, closed after measuring
 
 
 def _parse():
@@ -164,49 +167,23 @@ def flax_steps(batch, dtype, mode, formulation):
 
 
 def torch_steps(batch, dtype, mode, threads):
-    import torch
-    import torchvision
-
-    torch.set_num_threads(threads)
-    model = getattr(torchvision.models, f"resnet{ARGS.depth}")()
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, ARGS.image_size, ARGS.image_size)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,))
-
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-    if mode == "infer":
-        model.eval()
-
-        def one():
-            with torch.inference_mode(), autocast():
-                model(x)
-
-    else:
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-
-        def one():
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-
-    t = time.perf_counter()
-    one()
-    warm = time.perf_counter() - t
+    """(first step's seconds, run(n) -> seconds) of PyTorch in a child process
+    (``torch_reference.py``; one process per framework, as users run them)."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "torch_reference.py")]
+    cmd += [f"--depth={ARGS.depth}", f"--image_size={ARGS.image_size}", f"--batch={batch}"]
+    cmd += [f"--dtype={dtype}", f"--mode={mode}", f"--threads={threads}"]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    CHILDREN.append(child)
+    ready = child.stdout.readline().split()
+    if not ready or ready[0] != "ready":
+        raise SystemExit(f"error: PyTorch reference did not start ({' '.join(cmd)})")
 
     def run(n):
-        torch.set_num_threads(threads)
-        t = time.perf_counter()
-        for _ in range(n):
-            one()
-        return time.perf_counter() - t
+        child.stdin.write(f"{n}\n")
+        child.stdin.flush()
+        return float(child.stdout.readline())
 
-    return warm, run
+    return float(ready[1]), run
 
 
 def measure(batch, dtype_name, mode):
@@ -224,6 +201,10 @@ def measure(batch, dtype_name, mode):
     for _ in range(ARGS.repeats):
         for name, (_, run) in runs.items():
             times[name].append(run(ARGS.steps) / ARGS.steps)
+    while CHILDREN:
+        child = CHILDREN.pop()
+        child.stdin.close()
+        child.wait()
     return {name: (runs[name][0], times[name]) for name in runs}
 
 
