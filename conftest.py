@@ -6,8 +6,19 @@ control, so torchvision is imported here, before anything can import TensorFlow.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Training's persistent XLA cache (`config.compilation_cache_dir='auto'`): never the user's
+# ~/.cache, one directory per pytest-xdist worker (jax writes entries without a lock), kept
+# between sessions (entries are keyed by program, XLA flags and jaxlib: a stale one is a miss).
+os.environ.setdefault(
+    "SIPAK_JAX_XLA_CACHE",
+    os.path.join(
+        tempfile.gettempdir(),
+        f"sipak_jax_test_xla_{os.getuid()}_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}",
+    ),
+)
 
 try:  # noqa: SIM105 - the reference frameworks are test-only and optional for `import`
     import torchvision  # noqa: F401

@@ -2,7 +2,10 @@
 SIPaKMeD of about 4,000 cells, without TensorFlow or TFDS.
 
     python benchmarks/gpu.py [--cells_per_class=810] [--epochs=6] [--batch_size=256]
-        [--image_size=224] [--workdir=DIR]
+        [--image_size=224] [--workdir=DIR] [--profile]
+
+`--profile` traces 5 steps after warm-up and prints where they spent their time
+(`benchmarks/profile_summary.py`: convolutions, BatchNorm, optimizer, augmentation, idle).
 
 Needs jax (CUDA), flax, optax, orbax-checkpoint, numpy, opencv, clu and ml_collections (pure
 Python wheels); never imports TensorFlow or tensorflow_datasets: the synthetic tree
@@ -29,6 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tfds_sipakmed.taxonomy import SIPAKMED  # noqa: E402 - needs the path above
 
@@ -65,9 +69,13 @@ def main():
     p.add_argument(
         "--overlay_cells", type=int, default=0, help="Grad-CAM overlays per epoch (compiles more)"
     )
+    p.add_argument("--profile", action="store_true", help="trace 5 steps and summarise them")
     args = p.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_gpu_")
+    hlo_dir = os.path.join(workdir, "hlo")
+    if args.profile:  # before JAX starts: XLA reads its flags once
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={hlo_dir}"
     raw = os.path.join(workdir, "data", "raw")
     gen_s = write_synthetic_parallel(raw, args.cells_per_class)
 
@@ -92,7 +100,7 @@ def main():
     config.warmup_epochs = 1
     config.log_every_steps = 10
     config.writer = "jsonl"
-    config.profile_steps = 0
+    config.profile_steps = 5 if args.profile else 0
     config.evaluators = ("test",)  # no calibration, shortcuts, overlays or report
     config.num_overlay_cells = args.overlay_cells
 
@@ -134,6 +142,11 @@ def main():
     for k, v in summary.items():
         print(f"  {k:28s} {v}")
     print(json.dumps(summary))
+    if args.profile:
+        import profile_summary
+
+        trace_dir = os.path.join(workdir, "run", "plugins", "profile")
+        profile_summary.main([f"--trace_dir={trace_dir}", f"--hlo_dir={hlo_dir}"])
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""Benchmark: ResNet training step / inference, Flax (ours) beside torchvision, as a time ratio.
+"""Benchmark: training step / inference of a backbone, Flax (ours) beside torchvision or timm,
+as a time ratio.
 
-The same network (torchvision ``resnet18/34/50``, channels_last, and our ``ResNet(depth,
-1000, variant="v1.5")``), batch, resolution and optimizer (AdamW), measured alternating
-(PyTorch in a child process, ``torch_reference.py``; never both at once): after a warm-up,
-``--repeats`` rounds of ``--steps`` steps of each contender in turn; the median milliseconds
-per step of each and the ratio ours / PyTorch are printed (time ratio: 1.0 = as fast, 1.5 =
-half as fast again as PyTorch; lower is better). Compilation is timed apart. Training =
+The same network (``--arch``: ``resnet18/34/50`` (default ``resnet{--depth}``),
+``convnext_tiny``, or any name a ``sipak_jax.conversions`` family converts; ours built by
+``sipak_jax.models.registry`` with 1000 classes, the reference by torchvision or timm
+(``--references``), channels_last), batch, resolution and optimizer (AdamW), measured
+alternating (PyTorch in a child process, ``torch_reference.py``; never both at once): after a
+warm-up, ``--repeats`` rounds of ``--steps`` steps of each contender in turn; the median
+milliseconds per step of each and the ratio ours / PyTorch are printed (time ratio: 1.0 = as
+fast, 1.5 = half as fast again as PyTorch; lower is better). Compilation is timed apart. Training =
 forward + backward + AdamW update (BatchNorm in training mode, state buffers donated);
 inference = eval-mode forward.
 
-    python benchmarks/model.py [--depth=18] [--image_size=64] [--batch_sizes=32]
+    python benchmarks/model.py [--depth=18 | --arch=convnext_tiny] [--references=torchvision,timm]
+        [--image_size=64] [--batch_sizes=32]
         [--dtypes=float32] [--modes=train] [--steps=3] [--repeats=5]
         [--torch_threads=2,1] [--conv=auto,xla] [--xla_flags="--xla_cpu_use_onednn=true"]
         [--no_torch]
@@ -27,7 +31,9 @@ would flatter ours: give ``--torch_threads=2,1`` there, or pin the whole run to 
 bfloat16 runs JAX with ``dtype=jnp.bfloat16`` (float32 parameters) and PyTorch under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``.
 On a shared machine absolute figures drift; the ratios of one run are what to compare; the
-load average is printed before and after.
+load average is printed before and after. The header gives our parameter count and XLA's own
+cost analysis (``compiled.cost_analysis()["flops"]``) of the inference forward and of the
+training step per image, at the measured resolution: the GFLOP/s column divides those.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# Forward GFLOP at 224x224 (2 x GMAC); training costs about 3x the forward pass.
+# Forward GFLOP at 224x224 (2 x GMAC), published; the GFLOP/s column uses XLA's own count.
 FWD_GFLOP_224 = {18: 3.64, 34: 7.34, 50: 8.18}
 LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-4  # torch_reference.py uses the same
 CHILDREN: list[subprocess.Popen] = []  # PyTorch reference processes, closed after measuring
@@ -51,6 +57,10 @@ CHILDREN: list[subprocess.Popen] = []  # PyTorch reference processes, closed aft
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=50, choices=sorted(FWD_GFLOP_224))
+    p.add_argument(
+        "--arch", default="", help="resnet50, convnext_tiny, ... (default resnet{depth})"
+    )
+    p.add_argument("--references", default="torchvision", help="comma-separated: torchvision, timm")
     p.add_argument("--image_size", "--size", type=int, default=224)
     p.add_argument("--batch_sizes", default="32")
     p.add_argument("--dtypes", default="float32")
@@ -78,7 +88,35 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from sipak_jax.models import ResNet  # noqa: E402
+from sipak_jax.models import registry  # noqa: E402
+
+ARCH = ARGS.arch or f"resnet{ARGS.depth}"
+FLOPS: dict[str, float] = {}  # XLA's cost analysis per image: "infer", "train"
+
+
+def model_config(arch: str) -> dict:
+    """Our model config for a reference library's model name (1000 classes)."""
+    if arch.startswith("resnet") and arch[len("resnet") :].isdigit():
+        return {"depth": int(arch[len("resnet") :]), "variant": "v1.5", "num_classes": 1000,
+                "width": 64}  # fmt: skip
+    from sipak_jax import conversions
+
+    for source in ("torchvision", "timm"):
+        module = conversions.find(source, arch)
+        if module is not None:
+            return dict(module.ARCHS[(source, arch)])
+    raise SystemExit(f"error: --arch={arch} is not a ResNet nor in sipak_jax.conversions")
+
+
+def build_model(dtype):
+    # Initialised under jit: eager initialisation of a large model is slow on a CPU.
+    return nnx.jit(lambda: registry.create(model_config(ARCH), dtype=dtype))()
+
+
+def _count_flops(kind, jitted, batch, *args):
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    FLOPS[kind] = float(cost.get("flops", float("nan"))) / batch
 
 
 def _inputs(batch):
@@ -94,12 +132,13 @@ def _timed(fn, *args):
 
 
 def flax_infer(batch, dtype):
-    model = ResNet(ARGS.depth, 1000, dtype=dtype, rngs=nnx.Rngs(0))
+    model = build_model(dtype)
     x, _ = _inputs(batch)
     model.eval()
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     compile_s = _timed(fwd, state, x)
+    _count_flops("infer", fwd, batch, state, x)
 
     def run(n):
         t = time.perf_counter()
@@ -113,7 +152,7 @@ def flax_infer(batch, dtype):
 
 def flax_train(batch, dtype):
     """(compile seconds, run(n) -> seconds for n steps) of the jitted AdamW training step."""
-    model = ResNet(ARGS.depth, 1000, dtype=dtype, rngs=nnx.Rngs(0))
+    model = build_model(dtype)
     x, y = _inputs(batch)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -139,6 +178,7 @@ def flax_train(batch, dtype):
     jax.block_until_ready(out)
     state[:] = out[:3]
     compile_s = time.perf_counter() - t
+    _count_flops("train", step, batch, *state, x, y)
 
     def run(n):
         t = time.perf_counter()
@@ -166,11 +206,12 @@ def flax_steps(batch, dtype, mode, formulation):
         conv.PATCHES_MAX_OUTPUT_POSITIONS = saved
 
 
-def torch_steps(batch, dtype, mode, threads):
+def torch_steps(batch, dtype, mode, threads, library="torchvision"):
     """(first step's seconds, run(n) -> seconds) of PyTorch in a child process
     (``torch_reference.py``; one process per framework, as users run them)."""
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "torch_reference.py")]
-    cmd += [f"--depth={ARGS.depth}", f"--image_size={ARGS.image_size}", f"--batch={batch}"]
+    cmd += [f"--arch={ARCH}", f"--library={library}"]
+    cmd += [f"--image_size={ARGS.image_size}", f"--batch={batch}"]
     cmd += [f"--dtype={dtype}", f"--mode={mode}", f"--threads={threads}"]
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     CHILDREN.append(child)
@@ -193,8 +234,12 @@ def measure(batch, dtype_name, mode):
     for formulation in ARGS.conv.split(","):
         runs[f"flax/{formulation}"] = flax_steps(batch, dtype, mode, formulation)
     if not ARGS.no_torch:
-        for threads in map(int, ARGS.torch_threads.split(",")):
-            runs[f"torch/{threads}t"] = torch_steps(batch, dtype_name, mode, threads)
+        for library in ARGS.references.split(","):
+            lib = "tv" if library == "torchvision" else library
+            for threads in map(int, ARGS.torch_threads.split(",")):
+                runs[f"torch/{lib}/{threads}t"] = torch_steps(
+                    batch, dtype_name, mode, threads, library
+                )
     for _, run in runs.values():
         run(1)  # second warm-up step (allocators, oneDNN primitive cache)
     times = {name: [] for name in runs}
@@ -209,21 +254,31 @@ def measure(batch, dtype_name, mode):
 
 
 def _rows(batch, dtype_name, mode, results):
-    gflop = FWD_GFLOP_224[ARGS.depth] * (ARGS.image_size / 224) ** 2 * (3 if mode == "train" else 1)
+    gflop = FLOPS.get(mode, float("nan")) / 1e9
     torch_medians = [statistics.median(t) for n, (_, t) in results.items() if n.startswith("torch")]
     ref = min(torch_medians, default=float("nan"))
     rows = []
     for name, (compile_s, times) in results.items():
         s = statistics.median(times)
         row = (
-            f"resnet{ARGS.depth} {ARGS.image_size}px {mode:5s} {dtype_name:8s} batch {batch:3d} "
-            f"{name:10s}: {1000 * s:8.1f} ms/step [{1000 * min(times):.0f}-{1000 * max(times):.0f}]"
+            f"{ARCH} {ARGS.image_size}px {mode:5s} {dtype_name:8s} batch {batch:3d} "
+            f"{name:13s}: {1000 * s:8.1f} ms/step [{1000 * min(times):.0f}-{1000 * max(times):.0f}]"
             f" {batch / s:7.2f} img/s {batch * gflop / s:6.1f} GFLOP/s"
         )
         if not name.startswith("torch"):
             row += f" compile {compile_s:5.1f} s | time ratio ours/torch {s / ref:5.2f}x"
         rows.append(row)
     return rows
+
+
+def _header() -> str:
+    abstract = nnx.eval_shape(lambda: registry.create(model_config(ARCH)))
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    flops = ", ".join(f"{k} {v / 1e9:.2f} GFLOP/image" for k, v in FLOPS.items())
+    return (
+        f"{ARCH}: {params / 1e6:.2f} M parameters; XLA cost analysis at {ARGS.image_size} px: "
+        f"{flops}"
+    )
 
 
 def main():
@@ -241,6 +296,7 @@ def main():
                 for row in _rows(batch, dtype_name, mode, results):
                     print(row, flush=True)
                     rows.append(row)
+    print(_header(), flush=True)
     print(f"load average after: {os.getloadavg()}", flush=True)
     return rows
 

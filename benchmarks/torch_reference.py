@@ -1,13 +1,15 @@
 """PyTorch side of `benchmarks/model.py`, run in its own process.
 
-torchvision ``resnet{depth}`` (channels_last), AdamW, cross-entropy: the same step as ours.
+torchvision's or timm's ``--arch`` (``resnet50``, ``convnext_tiny``, ...; channels_last,
+1000 classes, random weights), AdamW, cross-entropy: the same step as ours.
 Run by ``model.py`` as a child process so that the two frameworks do not share an allocator
 (in one process a ResNet-50 step of either got up to 1.6x slower after the other ran: the
 kernel time spent faulting in freshly mapped memory grew five-fold). Protocol on stdin/stdout,
 one line each: it prints ``ready <seconds of the first step>``, then for every line ``n`` it
 reads it runs ``n`` steps and prints their total seconds; it exits at end of input.
 
-    python benchmarks/torch_reference.py --depth=18 --image_size=64 --batch=32
+    python benchmarks/torch_reference.py --arch=resnet18 [--library=torchvision|timm]
+        --image_size=64 --batch=32
         [--dtype=float32] [--mode=train] [--threads=2]
 """
 
@@ -20,12 +22,18 @@ import time
 LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-4  # as model.py
 
 
-def build(depth, image_size, batch, dtype, mode):
-    """A function running one step of torchvision's ResNet."""
+def build(arch, library, image_size, batch, dtype, mode):
+    """A function running one step of the library's ``arch``."""
     import torch
-    import torchvision
 
-    model = getattr(torchvision.models, f"resnet{depth}")()
+    if library == "timm":
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, num_classes=1000)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, arch)()
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,))
@@ -56,7 +64,8 @@ def build(depth, image_size, batch, dtype, mode):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, required=True)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--library", default="torchvision", choices=("torchvision", "timm"))
     p.add_argument("--image_size", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -66,7 +75,7 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
-    one = build(a.depth, a.image_size, a.batch, a.dtype, a.mode)
+    one = build(a.arch, a.library, a.image_size, a.batch, a.dtype, a.mode)
     t = time.perf_counter()
     one()
     print(f"ready {time.perf_counter() - t}", flush=True)

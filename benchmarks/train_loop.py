@@ -1,7 +1,7 @@
 """Host overhead of the training loop: steps/s of the whole loop against the bare jitted step.
 
     python benchmarks/train_loop.py [--image_size=64] [--batch_size=32] [--epochs=4]
-        [--width=16] [--cells_per_class=60] [--repeats=3]
+        [--width=16] [--cells_per_class=60] [--repeats=3] [--checkpoint_every_epochs=N]
 
 Runs `train.train_one_fold` on a synthetic SIPaKMeD read TF-free (the demo's small ResNet
 unless told otherwise), then, in the same process, the trainer's own jitted update step
@@ -36,6 +36,9 @@ def parse_args():
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--cells_per_class", type=int, default=150)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--checkpoint_every_epochs", type=int, default=None, help="default: the config's"
+    )
     p.add_argument("--workdir", default=None, help="default: a temporary directory")
     return p.parse_args()
 
@@ -55,6 +58,8 @@ def bench_config(args, data_root):
     config.writer = "jsonl"
     config.evaluators = ()  # the loop only: no test fold, calibration or report
     config.num_overlay_cells = 0
+    if args.checkpoint_every_epochs is not None:
+        config.checkpoint_every_epochs = args.checkpoint_every_epochs
     return config
 
 
@@ -120,6 +125,11 @@ def main():
     print(
         f"  loop, with eval + checkpoints      {loop_all_rate:8.2f} steps/s  "
         f"ratio {loop_all_rate / bare:.3f}"
+    )
+    ckpt_s = sum(e["checkpoint_s"] for e in epochs) / max(len(epochs), 1)
+    print(
+        f"  checkpoint per epoch               {ckpt_s:8.3f} s  "
+        f"(checkpoint_every_epochs={config.checkpoint_every_epochs}; new bests always saved)"
     )
     wait = 100 * timing["data_wait_s"] / timing["loop_s"]
     print(f"  waiting for data                   {wait:8.2f} % of the loop")

@@ -1,7 +1,14 @@
-"""Converts ImageNet ResNet weights from Keras or torchvision files into a model DIR.
+"""Converts ImageNet weights from Keras, torchvision or timm files into a model DIR.
 
-    python -m sipak_jax.convert --source=keras|torchvision --input=FILE --output=DIR
-        [--download] [--overwrite] [--cache_dir=DIR]
+    python -m sipak_jax.convert --source=keras|torchvision|timm [--arch=NAME] --input=FILE
+        --output=DIR [--download] [--overwrite] [--cache_dir=DIR]
+
+``--arch`` takes the source library's own model name: torchvision ``resnet50``,
+``convnext_tiny``; timm ``convnext_tiny``; Keras ``resnet50`` (``known_archs()`` lists them).
+Without it a file is a ResNet (Keras or torchvision), as before ``--arch`` existed. The
+families other than ResNet have their mappings in ``sipak_jax.conversions.<family>`` (timm
+files: ``.safetensors`` or ``.bin``, a torch pickle read with ``weights_only=True``); the rest
+of this docstring describes the ResNet path.
 
 Reads, without the source framework where possible:
 
@@ -57,6 +64,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from sipak_jax import fileio
+from sipak_jax.conversions import ConversionError, find, known_archs
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 TORCHVISION_URL = "https://download.pytorch.org/models/"
@@ -81,15 +89,25 @@ TORCHVISION_FILES = {
     "resnet101-cd907fc2.pth": 232,
     "resnet152-394f9c45.pth": 256,
     "resnet152-f82ba261.pth": 232,
+    "convnext_tiny-983f1562.pth": 236,  # ConvNeXt_*_Weights.IMAGENET1K_V1
+    "convnext_small-0c510722.pth": 230,
+    "convnext_base-6075fbad.pth": 232,
+    "convnext_large-ea097f82.pth": 232,
 }
-SOURCES = ("keras", "torchvision")
+SOURCES = ("keras", "torchvision", "timm")
+# --arch names of the ResNets (the source library's names) -> depth.
+RESNET_ARCHS = {
+    **{("torchvision", f"resnet{d}"): d for d in (18, 34, 50, 101, 152)},
+    **{("keras", f"resnet{d}"): d for d in (50, 101, 152)},
+}
+_EXTENSIONS = {
+    "keras": (".h5",),
+    "torchvision": (".pth", ".pt", ".safetensors"),
+    "timm": (".safetensors", ".bin", ".pth"),
+}
 VARIANT = {"keras": "v1", "torchvision": "v1.5"}
 # torchvision tensors that have no counterpart in an NNX model, dropped by rule (and logged).
 _TORCH_DROPPED = re.compile(r".*\.num_batches_tracked$")
-
-
-class ConversionError(ValueError):
-    """The file cannot be converted; the message names the file and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +242,9 @@ def _arch(source: str, tensors: Mapping[str, np.ndarray], path: str) -> dict:
     if stem not in tensors or min(sizes) == 0:
         raise ConversionError(
             f"{path}: not a {source} ResNet (no {stem!r} or a stage without blocks; "
-            f"blocks per stage found: {sizes})."
+            f"blocks per stage found: {sizes}). Another architecture needs --arch (the "
+            f"library's model name, e.g. convnext_tiny): python -m sipak_jax.convert "
+            f"--source={source} --arch=NAME --input={path} --output=DIR."
         )
     kind = "bottleneck" if bottleneck else "basic"
     width = tensors[stem].shape[0 if source == "torchvision" else -1]
@@ -429,21 +449,57 @@ def guess_source(path: str) -> str:
     )
 
 
-def convert_file(path: str, source: str | None = None):
-    """Reads a weights file and returns (model with its weights, `model_io.ModelMetadata`)."""
+def _check_source(path: str, source: str, arch: str | None) -> None:
+    if source not in SOURCES:
+        raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}.")
+    if not path.endswith(_EXTENSIONS[source]):
+        raise ConversionError(
+            f"{path}: {source} weights are read from {' or '.join(_EXTENSIONS[source])} files."
+        )
+    if arch is None and source == "timm":
+        raise ConversionError(
+            f"{path}: timm files need --arch (the timm model name, one of "
+            f"{[a for s, a in known_archs() if s == 'timm']})."
+        )
+    if arch is not None and (source, arch) not in RESNET_ARCHS and find(source, arch) is None:
+        names = sorted({a for s, a in [*RESNET_ARCHS, *known_archs()] if s == source})
+        raise ConversionError(f"--arch={arch} is not a {source} architecture we convert: {names}.")
+
+
+def official_arch(name: str) -> str | None:
+    """The --arch of an official torchvision file of another family than ResNet
+    (``convnext_tiny-983f1562.pth`` -> ``convnext_tiny``), else None."""
+    name = os.path.basename(name)
+    if name not in TORCHVISION_FILES:
+        return None
+    arch = name.rsplit("-", 1)[0]
+    return arch if find("torchvision", arch) is not None else None
+
+
+def convert_file(path: str, source: str | None = None, arch: str | None = None):
+    """Reads a weights file and returns (model with its weights, `model_io.ModelMetadata`).
+    ``arch`` (the source library's model name) picks the family; None: the one of an official
+    file name (``official_arch``), else a ResNet."""
+    source = source or guess_source(path)
+    if arch is None and source == "torchvision":
+        arch = official_arch(path)
+    _check_source(path, source, arch)
+    tensors = read_keras_h5(path) if source == "keras" else read_torchvision(path)
+    if arch is None or (source, arch) in RESNET_ARCHS:
+        return _convert_resnet(source, arch, tensors, path)
+    return _convert_family(find(source, arch), source, arch, tensors, path)
+
+
+def _convert_resnet(source: str, arch: str | None, tensors, path: str):
     import jax.numpy as jnp
 
     from sipak_jax import model_io
 
-    source = source or guess_source(path)
-    if source not in SOURCES:
-        raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}.")
-    if source == "keras" and not path.endswith(".h5"):
-        raise ConversionError(f"{path}: Keras weights are read from .h5 files.")
-    if source == "torchvision" and not path.endswith((".pth", ".pt", ".safetensors")):
-        raise ConversionError(f"{path}: torchvision weights are read from .pth or .safetensors.")
-    tensors = read_keras_h5(path) if source == "keras" else read_torchvision(path)
     cfg = _arch(source, tensors, path)
+    if arch is not None and cfg["depth"] != RESNET_ARCHS[(source, arch)]:
+        raise ConversionError(
+            f"{path} holds a ResNet-{cfg['depth']} {cfg.get('stage_sizes', '')}, not {arch}."
+        )
     model = model_io.abstract_model(cfg, dtype=jnp.float32)
     flat = to_model_state(source, tensors, model, path)
     model = model_io.model_with_weights(cfg, flat, what=f"file {path}")
@@ -451,7 +507,31 @@ def convert_file(path: str, source: str | None = None):
     return model, _metadata(source, cfg, path, tensors)
 
 
-def _metadata(source: str, cfg: dict, path: str, tensors: Mapping):
+def _convert_family(module, source: str, arch: str, tensors, path: str):
+    """A model of another family (``sipak_jax.conversions``) from the file's tensors."""
+    import jax.numpy as jnp
+
+    from sipak_jax import model_io, preprocessing
+
+    if hasattr(module, "model_config"):
+        cfg = module.model_config(source, arch, tensors, path)
+    else:
+        cfg = dict(module.ARCHS[(source, arch)])
+    model = model_io.abstract_model(cfg, dtype=jnp.float32)
+    flat = module.to_state(source, tensors, model)
+    model = model_io.model_with_weights(cfg, flat, what=f"file {path}")
+    model.eval()
+    if hasattr(module, "preprocessing"):
+        spec = module.preprocessing(source, arch)
+    else:
+        spec = preprocessing.spec_for("torchvision", image_size=224, resize="stretch")
+    transform = module.eval_transform(source, arch) if hasattr(module, "eval_transform") else ""
+    meta = _metadata(source, cfg, path, tensors, spec=spec, eval_transform=transform)
+    meta.source["arch"] = arch
+    return model, meta.validate()
+
+
+def _metadata(source: str, cfg: dict, path: str, tensors: Mapping, spec=None, eval_transform=""):
     """The converted DIR's metadata: ImageNet classes (a bare taxonomy, dataset "imagenet")
     for a 1000-class top, `class_<i>` for another top, none for a headless model."""
     from sipak_jax import model_io, preprocessing
@@ -462,25 +542,25 @@ def _metadata(source: str, cfg: dict, path: str, tensors: Mapping):
     src = {"framework": source, "file": name, "sha256": file_digest(path)}
     if official_url(name):
         src["url"] = official_url(name)
-    if source == "torchvision":
+    if eval_transform:
+        src["eval_transform"] = eval_transform
+    elif source == "torchvision":
         resize = TORCHVISION_FILES.get(name, 256)
         src["eval_transform"] = f"resize shorter side to {resize}, centre crop 224"
-        dropped = sorted(k for k in tensors if _TORCH_DROPPED.match(k))
-        if dropped:
-            src["dropped"] = f"{len(dropped)} num_batches_tracked counters"
     else:
         src["eval_transform"] = "resize to 224x224"
+    dropped = sorted(k for k in tensors if _TORCH_DROPPED.match(k))
+    if source != "keras" and dropped:
+        src["dropped"] = f"{len(dropped)} num_batches_tracked counters"
     n = cfg["num_classes"]
     if n == len(IMAGENET_CLASS_NAMES):
         taxonomy = Taxonomy.bare(IMAGENET_CLASS_NAMES, dataset="imagenet")
     else:
         taxonomy = Taxonomy.bare([f"class_{i}" for i in range(n)]) if n else None
+    if spec is None:
+        spec = preprocessing.spec_for(source, image_size=224, resize="stretch")
     return model_io.ModelMetadata(
-        kind="converted",
-        model=cfg,
-        taxonomy=taxonomy,
-        preprocessing=preprocessing.spec_for(source, image_size=224, resize="stretch"),
-        source=src,
+        kind="converted", model=cfg, taxonomy=taxonomy, preprocessing=spec, source=src
     ).validate()
 
 
@@ -492,9 +572,10 @@ def convert(
     download: bool = False,
     overwrite: bool = False,
     cache_dir: str | None = None,
+    arch: str | None = None,
 ) -> dict:
     """Converts ``input_path`` (or the official file of that name) into ``output_dir``;
-    returns the metadata written."""
+    returns the metadata written. ``arch``: the source library's model name (None: ResNet)."""
     from sipak_jax import model_io
 
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
@@ -502,7 +583,7 @@ def convert(
             f"{output_dir} is not empty; choose a new output directory or pass --overwrite."
         )
     path = resolve_input(input_path, download=download, cache_dir=cache_dir)
-    model, meta = convert_file(path, source)
+    model, meta = convert_file(path, source, arch)
     model_io.save_model_dir(output_dir, model, meta, overwrite=overwrite)
     return model_io.read_metadata(output_dir)
 
@@ -512,6 +593,9 @@ def main(argv=None) -> int:
         prog="python -m sipak_jax.convert", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--source", required=True, choices=SOURCES)
+    parser.add_argument(
+        "--arch", default=None, help="the source library's model name (default: a ResNet)"
+    )
     parser.add_argument("--input", required=True, help="weights file, or an official file name")
     parser.add_argument("--output", required=True, help="model DIR to write (must be empty)")
     parser.add_argument("--download", action="store_true", help="fetch official files")
@@ -526,14 +610,16 @@ def main(argv=None) -> int:
             download=args.download,
             overwrite=args.overwrite,
             cache_dir=args.cache_dir,
+            arch=args.arch,
         )
     except (ConversionError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    m = meta.model
+    from sipak_jax.models import registry
+
     print(
-        f"Wrote {args.output}: ResNet-{m['depth']} {m['variant']}, {m['num_classes']} classes, "
-        f"from {meta.source['file']} ({args.source})."
+        f"Wrote {args.output}: {registry.describe(meta.model)}, {meta.model['num_classes']} "
+        f"classes, from {meta.source['file']} ({args.source})."
     )
     return 0
 

@@ -30,9 +30,11 @@ def run_eval(eval_step, state, batches, *, num_classes: int, with_index=False):
     return (logits, labels, index) if with_index else (logits, labels)
 
 
-def eval_summary(logits: np.ndarray, labels: np.ndarray, taxonomy) -> dict:
-    """`metrics.classification_metrics` plus the mean cross-entropy."""
-    probs = softmax(logits)
+def eval_summary(logits: np.ndarray, labels: np.ndarray, taxonomy, temperature=1.0) -> dict:
+    """`metrics.classification_metrics` of softmax(logits / temperature) plus the mean
+    cross-entropy. The temperature never changes the class argmax; it does change the
+    summed-group views (abnormal vs NILM, 2- and 3-class), the AUCs' ties and the loss."""
+    probs = softmax(logits, temperature)
     out = metrics.classification_metrics(labels, probs, taxonomy)
     logp = np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
     out["loss"] = float(-logp.mean()) if len(labels) else None

@@ -3,7 +3,13 @@
     python -m sipak_jax.explain --checkpoint=DIR --method=gradcam,ig --output_dir=OUT \
         [--save_raw] IMAGE_OR_DIR...
 
-DIR is a training workdir or a converted-weights DIR (`sipak_jax.model_io.load_model_dir`).
+DIR is a training workdir or a converted-weights DIR (`sipak_jax.model_io.load_model_dir`),
+or an ensemble (`A,B,C` or a `fold=all` workdir, `sipak_jax.ensemble`): each member computes
+its map of the same class (the ensemble's predicted class: the argmax of the mean of the
+members' temperature-scaled probabilities, unless `--target`), each normalised to [0, 1], and
+the overlay shows their mean (dimmer where the members look at different places); with
+`--save_raw` the `.npy` is that mean of normalised maps (raw maps of different models have no
+common scale), and the IG completeness gap is the members' mean.
 For every image and method it writes `OUT/<stem>.<method>.png`, the map overlaid on the
 original crop at the crop's own size, and with `--save_raw` `OUT/<stem>.<method>.npy`, the raw
 map as H x W float32 at the model's input resolution. A directory argument contributes the
@@ -28,7 +34,11 @@ FLAGS = flags.FLAGS
 def define_flags():
     """The command's flags (defined only when run as a command, so that importing this
     module beside other commands never clashes)."""
-    flags.DEFINE_string("checkpoint", None, "Model DIR: a training workdir or a converted DIR.")
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Model DIR (training workdir or converted), A,B,C or a fold=all workdir.",
+    )
     flags.DEFINE_list(
         "method",
         ["gradcam"],
@@ -143,7 +153,7 @@ def run(
     log=print,
 ) -> list[dict]:
     """Explain `inputs` with the model in `checkpoint`; returns one record per image."""
-    from sipak_jax import model_io, saliency
+    from sipak_jax import ensemble, saliency
 
     unknown = [m for m in methods if m not in saliency.METHODS]
     if unknown:
@@ -153,7 +163,8 @@ def run(
     paths = collect_images(inputs)
     os.makedirs(output_dir, exist_ok=True)
     plan = plan_outputs(paths, methods, output_dir, save_raw, overwrite)
-    model, meta = model_io.load_model_dir(checkpoint)
+    loaded = ensemble.load_members(checkpoint)
+    _, model, meta = loaded[0]
     names = meta.class_names or [str(i) for i in range(model.num_classes)]
     options = {
         "target": resolve_target(target, names),
@@ -162,7 +173,7 @@ def run(
         "spec": meta.preprocessing,
         "average_transforms": average_transforms,
     }
-    fns = saliency.ModelFunctions(model)
+    fns = [(saliency.ModelFunctions(m), mm) for _, m, mm in loaded]
     records = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
@@ -182,27 +193,57 @@ def _method_options(method: str, ig_steps: int, baseline: str) -> dict:
     return {}
 
 
-def _explain_chunk(fns, paths, method, opts, names, plan, overwrite) -> list[dict]:
-    """Maps of `method` for the images at `paths`: overlays (and raw maps) written where
-    `plan` says; one record per image."""
+def _member_maps(members, inputs_u8, method, opts):
+    """(raw maps, normalised maps, targets, probabilities, info) of `method`: one member's own;
+    for an ensemble the mean of the members' normalised maps of the ensemble's class."""
     from sipak_jax import calibration, preprocessing, saliency
+
+    if len(members) == 1:
+        fns = members[0][0]
+        x = np.asarray(preprocessing.normalize(inputs_u8, opts["spec"]))
+        probs = calibration.softmax(np.asarray(fns.logits(x)))
+        res = saliency.explain(fns, x, method, **opts)
+        return res.maps, res.normalized, res.target, probs, res.info
+    xs = [np.asarray(preprocessing.normalize(inputs_u8, m.preprocessing)) for _, m in members]
+    probs = np.mean(
+        [
+            calibration.softmax(np.asarray(fns.logits(x)), m.temperature)
+            for (fns, m), x in zip(members, xs, strict=True)
+        ],
+        axis=0,
+    )
+    target = opts["target"]
+    targets = np.full(len(probs), target) if target is not None else probs.argmax(1)
+    results = [
+        saliency.explain(fns, x, method, **{**opts, "target": targets, "spec": m.preprocessing})
+        for (fns, m), x in zip(members, xs, strict=True)
+    ]
+    mean = np.mean([r.normalized for r in results], axis=0)
+    info = {}
+    if all("gap" in r.info for r in results):
+        info["gap"] = np.mean([np.asarray(r.info["gap"]) for r in results], axis=0)
+    return mean, mean, targets, probs, info
+
+
+def _explain_chunk(members, paths, method, opts, names, plan, overwrite) -> list[dict]:
+    """Maps of `method` for the images at `paths` (`members`: [(ModelFunctions, metadata)]):
+    overlays (and raw maps) written where `plan` says; one record per image."""
+    from sipak_jax import preprocessing
     from sipak_jax.saliency import overlay
 
     spec = opts["spec"]
     policy = spec.get("resize", preprocessing.DEFAULT_RESIZE)
     crops = [preprocessing.read_image(p) for p in paths]
     inputs_u8 = np.stack([preprocessing.preprocess_image(c, spec) for c in crops])
-    x = np.asarray(preprocessing.normalize(inputs_u8, spec))
-    probs = calibration.softmax(np.asarray(fns.logits(x)))
-    res = saliency.explain(fns, x, method, **opts)
+    raw, normalized, targets, probs, info = _member_maps(members, inputs_u8, method, opts)
     records = []
     for i, (p, crop) in enumerate(zip(paths, crops, strict=True)):
         png, npy = plan[(p, method)]
-        norm = overlay.map_to_crop(res.normalized[i], crop.shape, policy)
+        norm = overlay.map_to_crop(normalized[i], crop.shape, policy)
         overlay.save_png(png, overlay.overlay(crop, norm), overwrite=overwrite)
         if npy is not None:
-            _save_npy(npy, res.maps[i].astype(np.float32), overwrite)
-        t = int(res.target[i])
+            _save_npy(npy, np.asarray(raw[i], np.float32), overwrite)
+        t = int(targets[i])
         rec = {
             "file": p,
             "method": method,
@@ -211,8 +252,8 @@ def _explain_chunk(fns, paths, method, opts, names, plan, overwrite) -> list[dic
             "target_probability": float(probs[i, t]),
             "overlay": png,
         }
-        if "gap" in res.info:
-            rec["ig_completeness_gap"] = float(np.asarray(res.info["gap"])[i])
+        if "gap" in info:
+            rec["ig_completeness_gap"] = float(np.asarray(info["gap"])[i])
         records.append(rec)
     return records
 

@@ -7,7 +7,7 @@ test logits, and runs the evaluators named in `config.evaluators`, always in thi
 - `calibration`: temperature scaling fitted on validation, scored on the test fold
   (`results["calibration"]`, `reliability.png`, the temperature in `metadata.json`);
 - `test`: the test fold's metrics and per-example predictions (`results["test"]`,
-  `results["predictions"]`, probabilities after the temperature);
+  `results["predictions"]`), both after the fitted temperature (1 without calibration);
 - `shortcuts`: size-only and colour-only classifiers on the same folds (`results["shortcuts"]`);
 - then `results.json` is written, and after it:
 - `artifacts`: saliency overlays of selected test calls for the report
@@ -77,7 +77,10 @@ def _calibration(f: Final) -> None:
 
 def _test(f: Final) -> None:
     logits, labels, index = f.test
-    f.results["test"] = evaluation.eval_summary(logits, labels, f.run.taxonomy)
+    # The fitted temperature, as `predict` and the predictions below use it: the grouped
+    # calls (abnormal vs NILM) are those a user of the model gets.
+    f.results["test"] = evaluation.eval_summary(logits, labels, f.run.taxonomy, f.temperature)
+    f.results["test"]["temperature"] = f.temperature
     examples = f.run.data.examples("test")
     probs = softmax(logits, f.temperature)
     f.results["predictions"] = [
@@ -197,6 +200,7 @@ def finalize(
         "best_epoch": best_meta.get("epoch"),
         "selection": SELECTION,
         "class_names": list(run.taxonomy.class_names),
+        "dataset": _dataset_record(run),
     }
     val = _logits(run, state, "validation")
     results["validation"] = evaluation.eval_summary(*val, run.taxonomy)
@@ -215,6 +219,20 @@ def finalize(
         for name in (n for n in names if n in _AFTER_RESULTS and run.is_main):
             _evaluate(f, name)
     return results
+
+
+def _dataset_record(run: Run) -> dict:
+    """results.json's `dataset`: which data, its taxonomy, its grouping rule (is the protocol
+    leak-free?) and the reader's warnings (e.g. no grouping rule given)."""
+    data = run.data
+    return {
+        "name": str(run.config.dataset),
+        "config": str(run.config.dataset_config),
+        "taxonomy": run.taxonomy.to_dict(),
+        "grouping": data.grouping,
+        "leak_free": bool(data.grouping["leak_free"]) if data.grouping else None,
+        "warnings": list(data.warnings),
+    }
 
 
 def _write_test_summaries(run: Run, writer, results: dict) -> None:

@@ -6,6 +6,8 @@
 - `read_for_model(path, spec)`: one file -> the network input under the model's preprocessing
   (`sipak_jax.preprocessing.read_image` then `preprocess_image`), never raising: an unreadable
   file is reported as an error string so that the other files still run.
+- `decode_for_model(data, spec, name, max_pixels=)`: the same for a file's bytes (the
+  screening service's uploads), with the pixel count checked from the header before decoding.
 """
 
 from __future__ import annotations
@@ -26,6 +28,34 @@ def read_for_model(path: str, spec: dict, keep_original: bool = False):
 
     try:
         rgb = preprocessing.read_image(path)
+        return preprocessing.preprocess_image(rgb, spec), (rgb if keep_original else None), None
+    except (OSError, ValueError) as e:
+        return None, None, str(e) or type(e).__name__
+    except Exception as e:  # noqa: BLE001 - e.g. cv2.error on an exotic file: report, go on
+        return None, None, f"{type(e).__name__}: {e}"
+
+
+def decode_for_model(
+    data: bytes, spec: dict, name: str, keep_original: bool = False, max_pixels: int | None = None
+):
+    """`read_for_model` for a file's bytes (an upload), with the same results and messages
+    (naming `name`). With `max_pixels`, the header is read first (`sipak_jax.imageheader`):
+    only PNG, JPEG, BMP and TIFF files are decoded, and an image of more pixels is refused
+    before anything is decompressed."""
+    from sipak_jax import imageheader, preprocessing
+
+    try:
+        if max_pixels is not None:
+            found = imageheader.dimensions(data)
+            if found is None:
+                raise preprocessing.undecodable(name)
+            fmt, w, h = found
+            if w * h > max_pixels:
+                raise ValueError(
+                    f"{name}: the {fmt.upper()} header says {w}x{h} pixels, more than the "
+                    f"limit of {max_pixels:,}; crop or downscale the image"
+                )
+        rgb = preprocessing.decode_image(data, name)
         return preprocessing.preprocess_image(rgb, spec), (rgb if keep_original else None), None
     except (OSError, ValueError) as e:
         return None, None, str(e) or type(e).__name__

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from sipak_jax import checkpointing, distributed, fileio, preprocessing
-from sipak_jax.models.resnet import DEPTHS, VARIANTS, ResNet
+from sipak_jax.models import registry
 from tfds_sipakmed.taxonomy import Taxonomy, for_class_names
 
 FORMAT = "sipak_jax.model/2"
@@ -64,32 +64,15 @@ class WeightMismatchError(ValueError):
 
 def model_from_config(
     config: Mapping, *, dtype=jnp.float32, dropout_rate: float = 0.0, seed: int = 0
-) -> ResNet:
-    """Builds the ResNet described by a metadata ``model`` dict (depth, variant, num_classes,
-    width, optional stage_sizes), randomly initialised."""
-    try:
-        depth, variant, num_classes = config["depth"], config["variant"], config["num_classes"]
-    except KeyError as e:
-        raise ValueError(
-            f"metadata 'model' lacks {e.args[0]!r} (has {sorted(config)}); expected depth, "
-            "variant, num_classes, width."
-        ) from None
-    stage_sizes = config.get("stage_sizes")
-    return ResNet(
-        int(depth),
-        int(num_classes),
-        variant=variant,
-        width=int(config.get("width", 64)),
-        stage_sizes=tuple(stage_sizes) if stage_sizes else None,
-        dropout_rate=dropout_rate,
-        dtype=dtype,
-        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
-    )
+) -> nnx.Module:
+    """Builds the model a metadata ``model`` dict describes (any family of
+    ``sipak_jax.models.registry``; no ``name`` = ResNet), randomly initialised."""
+    return registry.create(config, dtype=dtype, dropout_rate=dropout_rate, seed=seed)
 
 
-def abstract_model(config: Mapping, **kwargs) -> ResNet:
+def abstract_model(config: Mapping, **kwargs) -> nnx.Module:
     """Like ``model_from_config`` but with abstract arrays (no memory, no init compute)."""
-    return nnx.eval_shape(lambda: model_from_config(config, **kwargs))
+    return registry.abstract(config, **kwargs)
 
 
 def weights_state(model: nnx.Module) -> dict:
@@ -184,7 +167,9 @@ def merge_weights(
     flat_loaded = loaded if _is_flat(loaded) else flatten(loaded)
     state = nnx.state(model, _WEIGHTS)
     target = flatten(nnx.to_pure_dict(state))
-    desc = f"{type(model).__name__} {model.config() if hasattr(model, 'config') else ''}"
+    desc = type(model).__name__
+    if hasattr(model, "config"):
+        desc = f"{desc} {registry.config_of(model)}"
     new_values = _check_fit(target, flat_loaded, skip, what, desc)
 
     def pick(path, old):
@@ -199,7 +184,7 @@ def merge_weights(
 
 def model_with_weights(
     config: Mapping, loaded: Mapping, *, dtype=jnp.float32, what: str = "checkpoint"
-) -> ResNet:
+) -> nnx.Module:
     """Builds the model of a metadata ``model`` dict directly from ``loaded`` weights (flat or
     nested), strictly as ``merge_weights``, without a random initialisation (which would
     compile and run an init program only to throw its result away)."""
@@ -207,7 +192,7 @@ def model_with_weights(
     abstract = abstract_model(config, dtype=dtype)
     graphdef, state = nnx.split(abstract)
     target = flatten(nnx.to_pure_dict(state))
-    desc = f"ResNet {dict(config)}"
+    desc = f"{registry.describe(config)} {dict(config)}"
     new_values = _check_fit(target, flat_loaded, lambda p: False, what, desc)
 
     def pick(path, old):
@@ -265,35 +250,20 @@ class MetadataError(ValueError):
     """metadata.json (or a ModelMetadata) is unusable; the message names the file and field."""
 
 
-_MODEL_KEYS = ("depth", "variant", "num_classes", "width", "stage_sizes")
-
-
 def _fail(field: str, message: str):
     raise MetadataError(f"field {field!r}: {message}")
 
 
 def _check_model(model) -> None:
     if not isinstance(model, Mapping):
-        _fail("model", f"expected a dict with {list(_MODEL_KEYS)}, got {type(model).__name__}")
-    unknown = sorted(set(model) - set(_MODEL_KEYS))
-    missing = [k for k in _MODEL_KEYS[:4] if k not in model]
-    if unknown or missing:
-        _fail("model", f"unknown keys {unknown}, missing keys {missing}")
-    if not isinstance(model["depth"], int) or model["depth"] not in DEPTHS:
-        _fail("model.depth", f"must be one of {sorted(DEPTHS)}, got {model['depth']!r}")
-    if model["variant"] not in VARIANTS:
-        _fail("model.variant", f"must be one of {VARIANTS}, got {model['variant']!r}")
-    for key, low in (("num_classes", 0), ("width", 1)):
-        value = model[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            _fail(f"model.{key}", f"must be an integer >= {low}, got {value!r}")
-    sizes = model.get("stage_sizes")
-    if sizes is not None and (
-        not isinstance(sizes, (list, tuple))
-        or len(sizes) != 4
-        or not all(isinstance(n, int) and n >= 1 for n in sizes)
-    ):
-        _fail("model.stage_sizes", f"must be null or 4 positive integers, got {sizes!r}")
+        _fail("model", f"expected a dict (a model config), got {type(model).__name__}")
+    try:
+        registry.check_config(model)
+    except ValueError as e:
+        raise MetadataError(str(e)) from None
+    num_classes = model.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        _fail("model.num_classes", f"must be an integer >= 0, got {num_classes!r}")
 
 
 def _check_taxonomy(taxonomy, num_classes: int) -> None:
@@ -345,8 +315,8 @@ class ModelMetadata:
 
     Fields:
       kind: "converted" (``sipak_jax.convert``) or "training" (a training workdir).
-      model: the architecture as ``ResNet.config()`` gives it: depth, variant, num_classes,
-        width (and stage_sizes when not the depth's).
+      model: the architecture as ``model.config()`` gives it (``sipak_jax.models.registry``;
+        a ResNet's: depth, variant, num_classes, width, and stage_sizes when not the depth's).
       taxonomy: the classes in logit order and what they mean (``tfds_sipakmed.taxonomy``);
         None only for a headless model (``num_classes`` 0).
       preprocessing: the input the weights expect (``sipak_jax.preprocessing`` spec with
@@ -492,11 +462,11 @@ def save_model_dir(
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    if metadata.kind != "converted" or dict(metadata.model) != model.config():
+    if metadata.kind != "converted" or dict(metadata.model) != registry.config_of(model):
         raise ValueError(
             f"save_model_dir({path}) writes converted DIRs of the model it is given: metadata "
             f"kind {metadata.kind!r} (expected 'converted'), model {metadata.model} (the model "
-            f"is {model.config()})."
+            f"is {registry.config_of(model)})."
         )
     metadata.validate()
     if os.path.exists(path) and not os.path.isdir(path):
@@ -553,7 +523,7 @@ def weights_dir(
 
 def load_model_dir(
     path: str | os.PathLike, *, dtype=jnp.float32, step: int | None = None, sharding=None
-) -> tuple[ResNet, ModelMetadata]:
+) -> tuple[nnx.Module, ModelMetadata]:
     """Loads a model DIR (converted or training workdir) -> (model in eval mode, metadata).
 
     For a training workdir the step is ``step`` or the best one (module docstring); the

@@ -3,9 +3,14 @@
     python -m sipak_jax.predict --checkpoint=WORKDIR --output=preds.jsonl cells/ extra.png
     python -m sipak_jax.predict --checkpoint=WORKDIR --output=preds.csv \
         --explain=gradcam --overlays=overlays/ cells/
+    python -m sipak_jax.predict --checkpoint=runs/a,runs/b,runs/c --output=preds.jsonl cells/
+    python -m sipak_jax.predict --checkpoint=workdirs/r50_cv --output=preds.jsonl cells/
 
 `--checkpoint` is a model DIR (a training workdir: its best checkpoint; or a converted-weights
-DIR), loaded by `sipak_jax.model_io.load_model_dir`. Each image goes through exactly the
+DIR), loaded by `sipak_jax.model_io.load_model_dir`; or an ensemble: several DIRs separated by
+commas, or a `fold=all` training workdir (its `fold<k>/` are the members), whose probabilities
+are the mean of the members' temperature-scaled probabilities (`sipak_jax.ensemble`, which
+also defines the `uncertainty` column). Each image goes through exactly the
 evaluation's preprocessing (`sipak_jax.preprocessing`: `read_image` converts BMP/PNG/JPEG/TIFF,
 grayscale, RGBA and 16-bit to uint8 RGB; `preprocess_image` resizes with the model's policy and
 size; `normalize` inside the jitted forward pass), in batches through one compiled function
@@ -30,8 +35,13 @@ Output, one row per input file (`.jsonl`: one JSON object a line; `.csv`: the sa
   reading defined". When the probability mass is split, `label` (class argmax) and `flagged`
   (summed groups) can disagree, e.g. Dyskeratotic 0.35 but abnormal 0.45: read `flagged` for
   the screening call;
-- `temperature`; `overlay`: the saliency overlay PNG (with `--explain`: the map of the
-  predicted class drawn over the original image at its own size), else null;
+- `temperature` (an ensemble's own, 1 unless calibrated; each member applies its own first);
+- `uncertainty`: an ensemble's disagreement, the mutual information between the prediction
+  and the member in nats (0: the members agree; see `sipak_jax.ensemble`), null for one model;
+- `members` (jsonl only): an ensemble's member DIRs, null for one model;
+- `overlay`: the saliency overlay PNG (with `--explain`: the map of the predicted class drawn
+  over the original image at its own size; an ensemble's is the mean of its members' maps),
+  else null;
 - `error`: null, or why the file could not be read. Such a row has only `path` and `error`;
   the other files are still processed and the exit status is 1.
 
@@ -57,15 +67,17 @@ import numpy as np
 
 from sipak_jax import fileio
 from sipak_jax.imageio import IMAGE_EXTENSIONS, is_image_file, read_for_model
+from sipak_jax.predictor import DEFAULT_BATCH_SIZE, Predictor
 from tfds_sipakmed.taxonomy import NO_READING, Taxonomy, as_taxonomy
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
-DEFAULT_BATCH_SIZE = 32
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "Predictor",
     "collect_inputs",
     "main",
+    "make_row",
     "overlay_name",
     "overlay_on_original",
     "predict_files",
@@ -123,102 +135,6 @@ def collect_inputs(inputs: Iterable[str], exclude: Iterable[str] = ()) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# The model.
-
-
-class Predictor:
-    """A model and its metadata as one jitted function: uint8 images -> logits / probabilities.
-
-    `metadata` is a model DIR's `model_io.ModelMetadata` (its `preprocessing`, `taxonomy` and
-    `temperature`). Batches are padded to `batch_size` so the function compiles once.
-    """
-
-    def __init__(self, model, metadata, batch_size: int = DEFAULT_BATCH_SIZE):
-        import jax
-        from flax import nnx
-
-        from sipak_jax import preprocessing
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        metadata.validate()
-        if metadata.taxonomy is None:
-            raise ValueError("the model is headless (model.num_classes 0): it cannot classify.")
-        spec = metadata.preprocessing
-        self.spec = dict(spec)
-        self.image_size = int(spec["image_size"])
-        self.taxonomy: Taxonomy = metadata.taxonomy
-        self.class_names = self.taxonomy.class_names
-        self.temperature = float(metadata.temperature)
-        self.batch_size = int(batch_size)
-        self.model = model
-        model.eval()
-        graphdef, state = nnx.split(model)
-        self._state = state
-
-        def forward(state, images_uint8):
-            m = nnx.merge(graphdef, state)
-            return m(preprocessing.normalize(images_uint8, spec)).astype("float32")
-
-        self._forward = jax.jit(forward)
-        self._saliency_fns = None
-
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] -> float32 logits [N, K], in padded batches of `batch_size`."""
-        images = np.asarray(images)
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
-            raise ValueError(
-                f"images must be uint8 [N, {s}, {s}, 3], got {images.dtype} {images.shape}"
-            )
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size:
-                pad = np.zeros((self.batch_size - n, s, s, 3), np.uint8)
-                chunk = np.concatenate([chunk, pad])
-            out.append(np.asarray(self._forward(self._state, chunk))[:n])
-        k = len(self.class_names)
-        logits = np.concatenate(out) if out else np.zeros((0, k), np.float32)
-        if logits.shape[1] != k:
-            raise ValueError(f"the model outputs {logits.shape[1]} logits for {k} class names")
-        return logits
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """softmax(logits / temperature), float64 [N, K]."""
-        from sipak_jax.calibration import softmax
-
-        return softmax(self.logits(images), self.temperature)
-
-    def explain(self, images: np.ndarray, method: str, targets: np.ndarray) -> np.ndarray:
-        """Saliency maps in [0, 1], [N, S, S], of `targets` (class indices), by `method`; the
-        CAM family at `saliency.overlay_stage` (the deepest stage with a map of at least 7x7)."""
-        import jax.numpy as jnp
-
-        from sipak_jax import preprocessing, saliency
-
-        if self._saliency_fns is None:
-            self._saliency_fns = saliency.ModelFunctions(self.model)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = np.asarray(images[start : start + self.batch_size])
-            tgt = np.asarray(targets[start : start + self.batch_size], np.int32)
-            n = len(chunk)
-            if n < self.batch_size:
-                pad = self.batch_size - n
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-                tgt = np.concatenate([tgt, np.zeros(pad, np.int32)])
-            x = preprocessing.normalize(jnp.asarray(chunk), self.spec)
-            stage = saliency.overlay_stage(self._saliency_fns, self.image_size)
-            result = saliency.explain(
-                self._saliency_fns, x, method, target=tgt, stage=stage, spec=self.spec
-            )
-            out.append(np.asarray(result.normalized)[:n])
-        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size))
-
-
-# ---------------------------------------------------------------------------------------------
 # Rows.
 
 
@@ -261,6 +177,21 @@ def reading(probs: np.ndarray, taxonomy: Taxonomy | Sequence[str]) -> dict:
     return row
 
 
+def make_row(path: str, probs: np.ndarray, predictor, uncertainty: float | None = None) -> dict:
+    """One prediction row (module docstring): `path`, `reading(probs, predictor.taxonomy)`,
+    `temperature`, `uncertainty` (the ensemble's mutual information; None for one model),
+    `members` (an ensemble's member DIRs; None for one model), `overlay` None, `error` None.
+    `predictor` is a `Predictor` or an `ensemble.EnsemblePredictor`."""
+    members = list(getattr(predictor, "members", None) or [])
+    row = {"path": path, **reading(probs, predictor.taxonomy)}
+    row["temperature"] = float(predictor.temperature)
+    row["uncertainty"] = None if uncertainty is None else float(uncertainty)
+    row["members"] = members if len(members) > 1 else None
+    row["overlay"] = None
+    row["error"] = None
+    return row
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -292,8 +223,25 @@ def overlay_on_original(original_rgb: np.ndarray, frame_map: np.ndarray, policy:
     return overlay.overlay(original_rgb, np.clip(m, 0.0, 1.0))
 
 
+def _with_overlay(row, target, original, frame_map, predictor, overwrite) -> dict:
+    """`row` with its overlay written to `target`, or an error row."""
+    from sipak_jax import preprocessing
+    from sipak_jax.saliency import overlay
+
+    path = row["path"]
+    if os.path.exists(target) and not overwrite:
+        return {"path": path, "error": f"overlay {target} exists; pass --overwrite to replace it"}
+    policy = predictor.spec.get("resize", preprocessing.DEFAULT_RESIZE)
+    img = overlay_on_original(original, frame_map, policy)
+    try:
+        overlay.save_png(target, img, overwrite=overwrite)
+    except (OSError, ValueError) as e:
+        return {"path": path, "error": f"could not write overlay: {e}"}
+    return {**row, "overlay": target}
+
+
 def predict_files(
-    predictor: Predictor,
+    predictor,
     paths: Sequence[str],
     *,
     explain: str | None = None,
@@ -301,10 +249,8 @@ def predict_files(
     overwrite: bool = False,
     workers: int = 4,
 ) -> list[dict]:
-    """One row per path (module docstring); unreadable files get {"path", "error"} rows."""
-    from sipak_jax import preprocessing
-    from sipak_jax.saliency import overlay
-
+    """One row per path (module docstring); unreadable files get {"path", "error"} rows.
+    `predictor`: a `Predictor` or an `ensemble.EnsemblePredictor`."""
     if explain and not overlays_dir:
         raise ValueError("--explain needs --overlays=DIR for the overlay images")
     if overlays_dir:
@@ -319,14 +265,12 @@ def predict_files(
                 pool.map(lambda p: read_for_model(p, predictor.spec, bool(explain)), batch_paths)
             )
             ok = [i for i, d in enumerate(decoded) if d[0] is not None]
-            probs = (
-                predictor.probabilities(np.stack([decoded[i][0] for i in ok]))
-                if ok
-                else np.zeros((0, len(predictor.class_names)))
-            )
+            probs, uncertainty = np.zeros((0, len(predictor.class_names))), None
+            if ok:
+                images = np.stack([decoded[i][0] for i in ok])
+                probs, uncertainty = predictor.predict_with_uncertainty(images)
             maps = None
             if explain and ok:
-                images = np.stack([decoded[i][0] for i in ok])
                 maps = predictor.explain(images, explain, probs.argmax(1))
             by_index = {i: j for j, i in enumerate(ok)}
             for i, path in enumerate(batch_paths):
@@ -334,28 +278,14 @@ def predict_files(
                     rows.append({"path": path, "error": decoded[i][2]})
                     continue
                 j = by_index[i]
-                row = {"path": path, **reading(probs[j], predictor.taxonomy)}
-                row["temperature"] = predictor.temperature
-                row["overlay"] = None
+                u = None if uncertainty is None else uncertainty[j]
+                row = make_row(path, probs[j], predictor, u)
                 if maps is not None:
                     name = overlay_name(path, f"_{_SAFE.sub('_', explain)}.png", taken)
                     target = os.path.join(overlays_dir, name)
                     if not _inside(overlays_dir, target):  # cannot happen with overlay_name
                         raise RuntimeError(f"overlay path {target} escapes {overlays_dir}")
-                    if os.path.exists(target) and not overwrite:
-                        row = {
-                            "path": path,
-                            "error": f"overlay {target} exists; pass --overwrite to replace it",
-                        }
-                    else:
-                        policy = predictor.spec.get("resize", preprocessing.DEFAULT_RESIZE)
-                        img = overlay_on_original(decoded[i][1], maps[j], policy)
-                        try:
-                            overlay.save_png(target, img, overwrite=overwrite)
-                            row["overlay"] = target
-                        except (OSError, ValueError) as e:
-                            row = {"path": path, "error": f"could not write overlay: {e}"}
-                row["error"] = None if "label" in row else row["error"]
+                    row = _with_overlay(row, target, decoded[i][1], maps[j], predictor, overwrite)
                 rows.append(row)
     return rows
 
@@ -367,7 +297,7 @@ def predict_files(
 def _csv_fields(class_names: Sequence[str]) -> list[str]:
     return (
         ["path", "label", "label_index", "label_3class", "label_2class", "bethesda"]
-        + ["p_abnormal", "flagged", "temperature"]
+        + ["p_abnormal", "flagged", "temperature", "uncertainty"]
         + [f"p_{n}" for n in class_names]
         + ["overlay", "error"]
     )
@@ -400,7 +330,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sipak_jax.predict",
         description="Classify cell images with a trained model DIR.",
     )
-    p.add_argument("--checkpoint", required=True, help="model DIR (training workdir or converted)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model DIR (training workdir or converted), A,B,C (an ensemble) or a fold=all workdir",
+    )
     p.add_argument("--output", required=True, help="FILE.jsonl or FILE.csv")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--explain", default=None, help="saliency method for overlays, e.g. gradcam")
@@ -411,44 +345,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (0 ok, 1 some file failed, 2 usage error)."""
-    args = _parser().parse_args(argv)
-    from sipak_jax import console
+def _check_args(args) -> None:
+    """Raises `console.UserError` for a command line that cannot run (nothing loaded yet)."""
+    from sipak_jax.console import UserError
 
-    console.quiet_libraries(args.verbosity)
     ext = os.path.splitext(args.output)[1].lower()
     if ext not in OUTPUT_FORMATS:
-        print(f"error: --output must end in .jsonl or .csv, got {args.output!r}", file=sys.stderr)
-        return 2
+        raise UserError(f"--output must end in .jsonl or .csv, got {args.output!r}")
     if os.path.exists(args.output) and not args.overwrite:
-        print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.output} exists; pass --overwrite to replace it")
     if args.explain and not args.overlays:
-        print("error: --explain needs --overlays=DIR", file=sys.stderr)
-        return 2
+        raise UserError("--explain needs --overlays=DIR")
     if args.overlays and not args.explain:
-        print("error: --overlays needs --explain=METHOD (e.g. gradcam)", file=sys.stderr)
-        return 2
+        raise UserError("--overlays needs --explain=METHOD (e.g. gradcam)")
     if args.batch_size < 1:
-        print("error: --batch_size must be at least 1", file=sys.stderr)
-        return 2
+        raise UserError("--batch_size must be at least 1")
     if args.overlays and os.path.exists(args.overlays) and not os.path.isdir(args.overlays):
-        print(f"error: --overlays={args.overlays} exists and is not a directory", file=sys.stderr)
-        return 2
+        raise UserError(f"--overlays={args.overlays} exists and is not a directory")
     if args.explain:
         from sipak_jax import saliency
 
         if args.explain not in saliency.METHODS:
-            print(
-                f"error: unknown --explain={args.explain!r}; one of {sorted(saliency.METHODS)}",
-                file=sys.stderr,
-            )
-            return 2
+            methods = sorted(saliency.METHODS)
+            raise UserError(f"unknown --explain={args.explain!r}; one of {methods}")
 
-    entries, skipped = collect_inputs(
-        args.inputs, exclude=[args.overlays, args.output] if args.overlays else [args.output]
-    )
+
+def _note_skipped(skipped: Sequence[str]) -> None:
     if skipped:
         kinds = Counter(os.path.splitext(p)[1].lower() or "(none)" for p in skipped)
         print(
@@ -457,14 +379,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    from sipak_jax.model_io import load_model_dir
+
+def load_checkpoint(spec: str, batch_size: int = DEFAULT_BATCH_SIZE):
+    """`ensemble.load_predictor(spec)`, its errors as one `console.UserError` naming the spec."""
+    from sipak_jax import console, ensemble
 
     try:
-        model, metadata = load_model_dir(args.checkpoint)
-        predictor = Predictor(model, metadata, batch_size=args.batch_size)
+        return ensemble.load_predictor(spec, batch_size=batch_size)
     except (FileNotFoundError, ValueError, console.UserError) as e:
-        print(f"error: --checkpoint={args.checkpoint}: {e}", file=sys.stderr)
-        return 2
+        raise console.UserError(f"--checkpoint={spec}: {e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (0 ok, 1 some file failed, 2 usage error)."""
+    args = _parser().parse_args(argv)
+    from sipak_jax import console
+
+    console.quiet_libraries(args.verbosity)
+    try:
+        _check_args(args)
+        exclude = [args.overlays, args.output] if args.overlays else [args.output]
+        entries, skipped = collect_inputs(args.inputs, exclude=exclude)
+        _note_skipped(skipped)
+        predictor = load_checkpoint(args.checkpoint, args.batch_size)
+    except console.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return console.EXIT_USER_ERROR
     files = [e for e in entries if isinstance(e, str)]
     predicted = iter(
         predict_files(

@@ -267,14 +267,25 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Image file not found: {path}")
-    data = np.fromfile(path, dtype=np.uint8)  # also works for non-ASCII paths
+    return decode_image(np.fromfile(path, dtype=np.uint8), path)  # also non-ASCII paths
+
+
+def undecodable(name: str) -> ValueError:
+    """The error of a file that is not an image OpenCV decodes (one message everywhere)."""
+    return ValueError(
+        f"Cannot decode {name} as an image (empty, truncated or not an image format OpenCV "
+        "reads); check the file or convert it to PNG."
+    )
+
+
+def decode_image(data, name: str) -> np.ndarray:
+    """An encoded image file's bytes (or uint8 array) -> uint8 RGB [H, W, 3], as `read_image`
+    (its errors name `name`)."""
+    data = np.frombuffer(data, np.uint8) if isinstance(data, bytes | bytearray) else data
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
-        raise ValueError(
-            f"Cannot decode {path} as an image (empty, truncated or not an image format OpenCV "
-            "reads); check the file or convert it to PNG."
-        )
-    return to_rgb_uint8(image, "BGR", name=path)
+        raise undecodable(name)
+    return to_rgb_uint8(image, "BGR", name=name)
 
 
 def preprocess_image(image_rgb: np.ndarray, spec: dict) -> np.ndarray:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from flax import nnx
+
 from sipak_jax import model_io
-from sipak_jax.models.resnet import ResNet
+from sipak_jax.models import registry
 
 
 def load_weights(source: str | os.PathLike, sharding=None) -> tuple[dict, model_io.ModelMetadata]:
@@ -33,21 +35,42 @@ def load_weights(source: str | os.PathLike, sharding=None) -> tuple[dict, model_
     return model_io.flatten(model_io.weights_state(model)), meta
 
 
+# Model-config fields a pretrained source may differ in: the head is the model's own (a new
+# `fc`, an attention pool the source may lack), and a ViT's position embeddings are resampled
+# to the model's image size (`conversions.vit.resample_state`, as timm / torchvision do).
+_MAY_DIFFER = ("num_classes", "head", "image_size")
+
+
 def init_from(
-    model: ResNet, source: str | os.PathLike, *, keep: Iterable[str] = ("fc/.*",)
+    model: nnx.Module,
+    source: str | os.PathLike,
+    *,
+    keep: Iterable[str] = ("fc/.*", "attention_pool/.*"),
 ) -> dict:
     """Loads the backbone and BatchNorm statistics of `source` (model DIR or weights file)
-    into `model`, keeping its head (paths matching `keep` regexes, default the `fc` layer).
-    Strict about everything else; the source's architecture (depth, variant, width) must
-    equal the model's. Returns {"source", "loaded", "kept", "metadata"} for the log."""
+    into `model`, keeping its head (paths matching `keep` regexes, default the `fc` layer and
+    the attention pool). Strict about everything else; the source's architecture (family, and
+    every field of its model config but ``_MAY_DIFFER``'s) must equal the model's. Returns
+    {"source", "loaded", "kept", "metadata"} for the log."""
     flat, meta = load_weights(source)
-    mine = model.config()
-    for key in ("depth", "variant", "width"):
-        if meta.model.get(key) != mine.get(key):
+    theirs, mine = dict(meta.model), registry.config_of(model)
+    if registry.family(theirs) != registry.family(mine):
+        raise model_io.WeightMismatchError(
+            f"{source} holds a {registry.describe(theirs)}, the model is a "
+            f"{registry.describe(mine)}; set config.model.name={registry.family(theirs)!r}."
+        )
+    for key in sorted((set(theirs) | set(mine)) - set(_MAY_DIFFER)):
+        if theirs.get(key) != mine.get(key):
             raise model_io.WeightMismatchError(
-                f"{source} holds a ResNet with {key}={meta.model.get(key)!r}, the model has "
-                f"{key}={mine.get(key)!r}; build the model with {key}={meta.model.get(key)!r}."
+                f"{source} holds a {registry.describe(theirs)} with {key}={theirs.get(key)!r}, "
+                f"the model has {key}={mine.get(key)!r}; build the model with "
+                f"{key}={theirs.get(key)!r}."
             )
+    if theirs.get("image_size") != mine.get("image_size"):
+        from sipak_jax.conversions import vit
+
+        framework = (meta.source or {}).get("framework", "timm")
+        flat = vit.resample_state(flat, model.grid, framework)
     kept = model_io.merge_weights(model, flat, dont_load=keep, what=f"weights {source}")
     loaded = len(model_io.flatten(model_io.weights_state(model))) - len(kept)
     return {"source": os.fspath(source), "loaded": loaded, "kept": kept, "metadata": meta}

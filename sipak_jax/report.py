@@ -21,7 +21,9 @@ What it reads from the workdir (written by `sipak_jax.train`):
     validation, test: dict     `metrics.classification_metrics` output (+ `loss`)
     calibration: dict          `calibration.calibration_summary` output, plus optional
                                `diagram` (a PNG file name in the workdir)
-    predictions: [{index, file_name, cluster_id, label: int, prediction: int,
+    dataset: dict              the data's record: name, config, taxonomy, grouping,
+                               leak_free, warnings (the Protocol line says them)
+    predictions: [{index, file_name, group_id, label: int, prediction: int,
                    probabilities: [K] (after temperature), logits: [K]}]   test fold
     shortcuts: dict            `shortcuts.shortcut_controls` output, or {"skipped"|"error": str}
     timing: dict               optional
@@ -146,6 +148,8 @@ def read_predictions(path: str) -> list[dict]:
                         float(row["p_abnormal"]) if row.get("p_abnormal") is not None else None
                     )
                     row["flagged"] = row.get("flagged") == "True"
+                    if row.get("uncertainty") is not None:
+                        row["uncertainty"] = float(row["uncertainty"])
                 rows.append(row)
     else:
         raise ValueError(f"--predictions must be a .jsonl or .csv from sipak_jax.predict: {path}")
@@ -236,33 +240,28 @@ def _flatten(d, prefix=""):
             yield key, v
 
 
+def _model_name(model: dict) -> str:
+    """'ResNet-50 v1.5, width 64'; other families by `sipak_jax.models.registry.describe`
+    (imported only then: it needs JAX, which rendering a ResNet run does not)."""
+    if model.get("name", "resnet") == "resnet":
+        return (
+            f"ResNet-{model.get('depth', '?')} {model.get('variant', '')}, width "
+            f"{model.get('width', 64)}"
+        )
+    from sipak_jax.models import registry
+
+    try:
+        return registry.describe(model)
+    except (KeyError, ValueError):
+        return str(model.get("name"))
+
+
 def _section_run(workdir, results, config, metadata, cv) -> str:
     config = config or {}
     metadata = metadata or {}
     test = results.get("test") or {}
-    fold = results.get("fold")
     model = metadata.get("model") or config.get("model") or {}
-    synthetic = (config.get("synthetic") or {}).get("cells_per_class") or 0
-    data_source = (
-        f"synthetic SIPaKMeD stand-in ({synthetic} cells per class; not real cells)"
-        if synthetic
-        else f"SIPaKMeD, TFDS config <code>{_e(config.get('dataset_config', 'grouped'))}</code>"
-    )
-    grouped = config.get("dataset_config", "grouped") == "grouped"
-    protocol = (
-        "Five folds grouped by cluster image: all cells of one cluster image (one slide, stain "
-        "and background) fall in one fold, so no test cell shares an image with a training "
-        "cell. "
-        if grouped
-        else '<span class="bad">Cell-level random folds: cells of one cluster image appear on '
-        "both sides; figures are optimistic and only comparable with published random-split "
-        "numbers.</span> "
-    )
-    protocol += (
-        f"Test fold: <b>{_e(fold)}</b>, read once at the end. Model selection on a validation "
-        "part carved from the training folds by whole cluster images "
-        f"({_e(results.get('selection', 'best validation macro-F1'))})."
-    )
+    data_source, protocol = _data_and_protocol(results, config)
     counts = {n: pc.get("support") for n, pc in (test.get("per_class") or {}).items()}
     rows = [
         ("Workdir", f"<code>{_e(os.path.abspath(workdir))}</code>"),
@@ -276,10 +275,7 @@ def _section_run(workdir, results, config, metadata, cv) -> str:
         ),
         (
             "Model",
-            _e(
-                f"ResNet-{model.get('depth', '?')} {model.get('variant', '')}, width "
-                f"{model.get('width', 64)}, {model.get('num_classes', '?')} classes"
-            ),
+            _e(f"{_model_name(model)}, {model.get('num_classes', '?')} classes"),
         ),
         ("Initialised from", _e(config.get("init_from") or "random (scratch)")),
         (
@@ -311,6 +307,62 @@ def _section_run(workdir, results, config, metadata, cv) -> str:
         ]
         out += "<h3>Cross-validation over folds</h3>" + _table(head, rows)
     return out
+
+
+_DATASET_NAMES = {"sipakmed": "SIPaKMeD", "herlev": "Herlev", "cric": "CRIC Cervix"}
+
+
+def _group_words(name: str, grouping: dict) -> str:
+    """What one leak-free group is, in words."""
+    rule, value = grouping.get("rule"), grouping.get("value") or ""
+    if name == "sipakmed" or rule == "cluster image":
+        return "cluster image (one slide, stain and background)"
+    if rule == "regex":
+        return f"group (the file-name rule <code>{_e(value)}</code>)"
+    if rule == "csv":
+        return f"group (the CSV <code>{_e(os.path.basename(value))}</code>)"
+    return f"group ({_e(rule or 'the dataset')})"
+
+
+def _data_and_protocol(results: dict, config: dict) -> tuple[str, str]:
+    """The report's Data and Protocol cells, from `results["dataset"]` (the data's own record
+    of its grouping rule) or, for older results, the config (SIPaKMeD)."""
+    record = results.get("dataset") or {}
+    name = record.get("name") or config.get("dataset", "sipakmed")
+    fold_config = record.get("config") or config.get("dataset_config", "grouped")
+    grouping = record.get("grouping") or {"rule": "cluster image", "leak_free": True}
+    synthetic = (config.get("synthetic") or {}).get("cells_per_class") or 0
+    if synthetic:
+        data = f"synthetic SIPaKMeD stand-in ({synthetic} cells per class; not real cells)"
+    elif name == "cell_folder":
+        root = config.get("manual_dir") or "(built)"
+        data = f"cell folder <code>{_e(root)}</code>, folds <code>{_e(fold_config)}</code>"
+    else:
+        data = f"{_e(_DATASET_NAMES.get(name, name))}, TFDS config <code>{_e(fold_config)}</code>"
+    unit = _group_words(name, grouping)
+    if fold_config != "grouped":
+        protocol = (
+            '<span class="bad">Cell-level random folds: cells of one source image appear on '
+            "both sides; figures are optimistic and only comparable with published random-split "
+            "numbers.</span> "
+        )
+    elif not grouping.get("leak_free", True):
+        protocol = (
+            '<span class="bad">Not leak-free: no grouping rule was given, so every file is its '
+            "own group and cells of one slide can sit in the training and the test folds; the "
+            "test figures may be optimistic.</span> "
+        )
+    else:
+        protocol = (
+            f"Five folds grouped by {unit}: all cells of one group fall in one fold, so no test "
+            "cell shares its group with a training cell. "
+        )
+    protocol += (
+        f"Test fold: <b>{_e(results.get('fold'))}</b>, read once at the end. Model selection on "
+        "a validation part carved from the training folds by whole groups "
+        f"({_e(results.get('selection', 'best validation macro-F1'))})."
+    )
+    return data, protocol
 
 
 def _headline_rows(m: dict) -> list[str]:
@@ -651,8 +703,9 @@ def _section_shortcuts(results: dict) -> str:
     n = len(cnn.get("class_names") or [])
     chance = f"{100.0 / n:.0f}%" if n else "?"
     return out + (
-        "<p>SIPaKMeD's classes were imaged separately, so crop size and background colour "
-        "differ by class. These classifiers see only those, trained on the same training folds "
+        "<p>Where classes were imaged separately (SIPaKMeD's were), crop size and background "
+        "colour differ by class. These classifiers see only those, trained on the same training "
+        "folds "
         f"({_fmt(sc.get('num_train'))} cells) and scored on the same test fold "
         f"({_fmt(sc.get('num_test'))} cells). Chance is about {chance}. The closer a control "
         "comes to the CNN, the more of the CNN's accuracy could be such a shortcut.</p>"
@@ -660,10 +713,47 @@ def _section_shortcuts(results: dict) -> str:
     )
 
 
+def _thumb(r: dict, base: str) -> str:
+    """The overlay thumbnail cell of a prediction row ("" without an overlay)."""
+    ov = r.get("overlay")
+    if not ov:
+        return ""
+    # predict writes the overlay path as given to --overlays: absolute, or relative to where
+    # predict ran (tried first) or to the predictions file.
+    tries = [ov] if os.path.isabs(ov) else [ov, os.path.join(base, ov)]
+    path = next((t for t in tries if os.path.isfile(t)), None)
+    img = cv2.imread(path, cv2.IMREAD_COLOR) if path else None
+    if img is None:
+        return '<span class="muted">missing</span>'
+    img = img[..., ::-1]
+    s = 96 / max(img.shape[:2])
+    if s < 1:
+        img = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    return _img(png_data_uri(img), f"overlay of {r['path']}", "thumb")
+
+
+def _ensemble_note(ok: list[dict]) -> str:
+    """Which model made the predictions, when it was an ensemble (rows with `uncertainty`)."""
+    if not any(r.get("uncertainty") is not None for r in ok):
+        return ""
+    members = next((r["members"] for r in ok if r.get("members")), None)
+    out = (
+        f"<p>Predicted by an <b>ensemble of {len(members) if members else 'several'} models</b>"
+        ": the mean of the members' temperature-scaled probabilities. <i>Uncertainty</i> is "
+        "the members' disagreement, the mutual information between the prediction and the "
+        "member in nats (0: they agree).</p>"
+    )
+    if not members:
+        return out + '<p class="muted">A CSV does not list the members; the .jsonl does.</p>'
+    return out + "<ul>" + "".join(f"<li><code>{_e(m)}</code></li>" for m in members) + "</ul>"
+
+
 def _section_predictions(rows: list[dict], source: str, max_thumbs: int = 500) -> str:
     out = '<h2 id="predictions">Per-image predictions</h2>'
     out += f'<p class="muted">From <code>{_e(source)}</code>.</p>'
     ok = [r for r in rows if not r.get("error")]
+    out += _ensemble_note(ok)
+    has_u = any(r.get("uncertainty") is not None for r in ok)
     bad = [r for r in rows if r.get("error")]
     has_pab = any(r.get("p_abnormal") is not None for r in ok)
 
@@ -683,26 +773,11 @@ def _section_predictions(rows: list[dict], source: str, max_thumbs: int = 500) -
         "p(abnormal)",
         "top p",
         "clinical reading",
-    ]
+    ] + (["uncertainty"] if has_u else [])
     body, thumbs = [], 0
     for r in ok:
-        ov = r.get("overlay")
-        cell = ""
-        if ov and thumbs < max_thumbs:
-            # predict writes the overlay path as given to --overlays: absolute, or relative to
-            # where predict ran (tried first) or to the predictions file.
-            tries = [ov] if os.path.isabs(ov) else [ov, os.path.join(base, ov)]
-            path = next((t for t in tries if os.path.isfile(t)), None)
-            img = cv2.imread(path, cv2.IMREAD_COLOR) if path else None
-            if img is not None:
-                img = img[..., ::-1]
-                s = 96 / max(img.shape[:2])
-                if s < 1:
-                    img = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
-                cell = _img(png_data_uri(img), f"overlay of {r['path']}", "thumb")
-                thumbs += 1
-            else:
-                cell = '<span class="muted">missing</span>'
+        cell = _thumb(r, base) if thumbs < max_thumbs else ""
+        thumbs += cell.startswith("<img")
         cls = "flagged" if r.get("flagged") else ""
         probs = r.get("probabilities") or []
         two = "<b>abnormal</b>" if r.get("flagged") else _e(r.get("label_2class") or "")
@@ -715,15 +790,15 @@ def _section_predictions(rows: list[dict], source: str, max_thumbs: int = 500) -
             _fmt(r.get("p_abnormal")),
             _fmt(max(probs) if probs else None),
             _e(r.get("bethesda") or ""),
-        ]
+        ] + ([_fmt(r.get("uncertainty"), 4)] if has_u else [])
         tds = "".join(
-            f'<td class="{"" if i in (5, 6) else "l"}">{c}</td>' for i, c in enumerate(cells)
+            f'<td class="{"" if i in (5, 6, 8) else "l"}">{c}</td>' for i, c in enumerate(cells)
         )
         body.append(f'<tr class="{cls}">{tds}</tr>')
     for r in bad:
         body.append(
             f'<tr class="error"><td class="l">{_e(r["path"])}</td>'
-            f'<td class="l" colspan="7">could not be read: {_e(r["error"])}</td></tr>'
+            f'<td class="l" colspan="{len(head) - 1}">could not be read: {_e(r["error"])}</td></tr>'
         )
     flagged = sum(1 for r in ok if r.get("flagged"))
     out += (
@@ -813,7 +888,7 @@ def render_report(
         sections.append(_section_predictions(pred_rows, predictions))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     notes_html = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
-    dataset = {"sipakmed": "SIPaKMeD"}.get(taxonomy.dataset, taxonomy.dataset) or "Cell"
+    dataset = _DATASET_NAMES.get(taxonomy.dataset, taxonomy.dataset) or "Cell"
     title = f"{dataset} cell classification: test fold {results.get('fold', '?')}"
     nav = " &middot; ".join(
         f'<a href="#{a}">{t}</a>'

@@ -248,7 +248,7 @@ def _where(fns, method: str, stage: int | None, size: int) -> dict:
     if stage is None:
         stage = saliency.overlay_stage(fns, size)
     h, w = saliency.stage_map_sizes(fns, size)[stage]
-    return {**out, "layer": saliency.layer_name(stage), "stage": stage, "map_size": [h, w]}
+    return {**out, "layer": saliency.layer_name(stage, fns), "stage": stage, "map_size": [h, w]}
 
 
 def explain_cells(model, spec: dict, cells: Sequence[Cell], method=DEFAULT_METHOD, stage=None):

@@ -9,7 +9,9 @@ map as the reference every real method must beat, it reports (see
 ring, cytoplasm and background beside each region's area (the chance level) and the pointing
 game, per class and overall; deletion and insertion AUC; ROAD (MoRF/LeRF); IG's completeness
 gap; and the model-randomisation sanity check (Spearman correlation per randomised depth).
-Examples whose contours are marked invalid are left out of localisation and counted.
+Examples whose contours are marked invalid are left out of localisation and counted. A model
+with an attention head (`model.head='attention'`) always gets its own map measured too
+('attention_head'); a ViT can be asked for attention rollout ('rollout').
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 RANDOM = "random"
+ATTENTION = "attention_head"
 
 
 def define_flags():
@@ -113,6 +116,25 @@ def _log_method(log, method: str, out: dict) -> None:
         )
 
 
+def _regions(i, nuc_xy, cyt_xy, crop_shapes, nuc_masks, cyt_masks, size, policy):
+    """Example `i`'s localisation regions: from its masks when it has them, else from its
+    contours; None when it has neither."""
+    from sipak_jax.saliency import metrics
+
+    if nuc_masks is not None and nuc_masks[i] is not None:
+        return metrics.mask_regions(nuc_masks[i], cyt_masks[i], size, policy)
+    if nuc_xy is None or len(nuc_xy[i]) < 3:
+        return None
+    return metrics.cell_masks(nuc_xy[i], cyt_xy[i], crop_shapes[i], size, policy)
+
+
+def _all_regions(valid, contours, masks, size: int, policy: str) -> list:
+    """Each example's regions (`_regions`), None where it is not `valid`."""
+    return [
+        _regions(i, *contours, *masks, size, policy) if v else None for i, v in enumerate(valid)
+    ]
+
+
 def evaluate(
     model,
     spec,
@@ -132,9 +154,14 @@ def evaluate(
     road_examples=32,
     seed=0,
     log=print,
+    nucleus_masks=None,
+    cytoplasm_masks=None,
 ) -> dict:
     """All metrics for `methods` (plus the random reference map) on prepared examples:
-    `images_u8` [N,S,S,3] network inputs, their crop shapes and crop-level contours."""
+    `images_u8` [N,S,S,3] network inputs, their crop shapes and crop-level contours, or
+    crop-level bool masks (`nucleus_masks` / `cytoplasm_masks`, e.g. Herlev's) used instead
+    of the contours wherever an example has one. Examples that are not `valid`, or have
+    neither a mask nor a nucleus contour, are left out of localisation and counted."""
     from sipak_jax import preprocessing, saliency
     from sipak_jax.saliency import metrics
 
@@ -144,18 +171,14 @@ def evaluate(
     policy = spec.get("resize", preprocessing.DEFAULT_RESIZE)
     labels = np.asarray(labels)
     pred = np.concatenate([np.asarray(fns.predict(x[b])) for b in _batches(n, batch_size)])
-    masks = [
-        metrics.cell_masks(nucleus_contours[i], cytoplasm_contours[i], crop_shapes[i], size, policy)
-        if valid[i]
-        else None
-        for i in range(n)
-    ]
+    contours = (nucleus_contours, cytoplasm_contours, crop_shapes)
+    masks = _all_regions(valid, contours, (nucleus_masks, cytoplasm_masks), size, policy)
     loc_idx = [i for i in range(n) if masks[i] is not None]
     rng = np.random.default_rng(seed)
     results = {
         "examples": int(n),
         "accuracy": float(np.mean(pred == labels)),
-        "invalid_annotations_skipped": int(np.sum(~np.asarray(valid, bool))),
+        "invalid_annotations_skipped": int(sum(m is None for m in masks)),
         "methods": {},
     }
     for method in [*methods, RANDOM]:
@@ -176,6 +199,21 @@ def evaluate(
         results["methods"][method] = out
         _log_method(log, method, out)
     return results
+
+
+def with_attention_head(methods, model) -> list[str]:
+    """`methods`, plus the attention head's own map ('attention_head') when the model has an
+    attention head: its map is measured beside the others whenever it exists."""
+    methods = list(methods)
+    if getattr(model, "attention_pool", None) is not None and ATTENTION not in methods:
+        methods.append(ATTENTION)
+    return methods
+
+
+def _masks(cache, name: str, n: int):
+    """The cache's crop-level masks `name` (Herlev), or None when the dataset has none."""
+    masks = getattr(cache, name, None)
+    return None if masks is None else masks[:n]
 
 
 def main(argv):
@@ -216,13 +254,15 @@ def main(argv):
         cache.cytoplasm_contour[:n],
         cache.annotation_valid[:n],
         meta.class_names or [str(i) for i in range(model.num_classes)],
-        FLAGS.methods,
+        with_attention_head(FLAGS.methods, model),
         ig_steps=FLAGS.ig_steps,
         baseline=FLAGS.baseline,
         batch_size=FLAGS.batch_size,
         sanity_examples=FLAGS.sanity_examples,
         road_examples=FLAGS.road_examples,
         seed=FLAGS.seed,
+        nucleus_masks=_masks(cache, "nucleus_mask", n),
+        cytoplasm_masks=_masks(cache, "cytoplasm_mask", n),
     )
     results.update(checkpoint=FLAGS.checkpoint, split=FLAGS.split, config=FLAGS.config)
     with open(FLAGS.output, "x") as f:

@@ -30,13 +30,22 @@ import time
 
 import jax
 
-from sipak_jax import augment, console, evaluation, fileio, finalize, train_data, train_setup
+from sipak_jax import (
+    augment,
+    console,
+    evaluation,
+    fileio,
+    finalize,
+    input_pipeline,
+    train_data,
+    train_setup,
+)
 from sipak_jax import workdir as workdirs
 from sipak_jax.console import UserError
+from sipak_jax.models import registry
 from sipak_jax.train_loop import NonFiniteLossError, train_loop
 from sipak_jax.train_step import DTYPES
 from sipak_jax.writers import WRITER_KINDS, create_writer
-from tfds_sipakmed import taxonomy as taxonomies
 from tfds_sipakmed.folds import NUM_FOLDS
 
 __all__ = ["NonFiniteLossError", "check_config", "train_and_evaluate", "train_one_fold"]
@@ -94,12 +103,16 @@ def check_config(config) -> None:
         )
     if config.writer not in WRITER_KINDS:
         raise UserError(f"config.writer must be one of {WRITER_KINDS}, got {config.writer!r}")
+    train_data.check_dataset_config(config)
     try:
         augment.build_ops(tuple(config.augment))  # a misspelt op fails now, not after set-up
-        taxonomies.for_dataset(config.dataset)
     except (KeyError, ValueError) as e:
         raise UserError(f"config: {e}") from None
     finalize.check_evaluators(config.evaluators)
+    try:  # the model section (family, sizes, head) before anything is built
+        registry.training_config(config.model, 2)
+    except ValueError as e:
+        raise UserError(f"config: {e}") from None
     _check_finite(config.to_dict(), "config")
 
 
@@ -216,22 +229,23 @@ def _reevaluate(run, plan, t_start: float) -> dict:
 def _announce(run, plan) -> None:
     if not run.is_main:
         return
-    m, data = run.config.model, run.data
+    data = run.data
     if run.start_step:
         what = f"resuming at step {run.start_step} (epoch {run.start_step // run.steps_per_epoch})"
     else:
         what = "new run"
     init = f"from {run.config.init_from}" if run.config.init_from else "from scratch"
-    stages = f" {tuple(m.stage_sizes)}" if m.stage_sizes else ""
     console.say(
         f"fold {run.fold} of {run.config.dataset}/{run.config.dataset_config} in {run.workdir} "
         f"({what})\n"
         f"data: {run.data_plan.describe()}: {data.num('train')} train, "
         f"{data.num('validation')} validation, {data.num('test')} test cells; "
         f"{run.steps_per_epoch} steps of {run.config.batch_size} per epoch\n"
-        f"model: ResNet-{m.depth}{stages} width {m.width}, {init}, {run.config.compute_dtype} on "
+        f"model: {registry.describe(run.metadata.model)}, {init}, {run.config.compute_dtype} on "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
     )
+    for line in data.warnings:  # e.g. a cell folder without a grouping rule: not leak-free
+        console.say(f"warning: {line}")
     for change in plan.changes:
         console.say(f"config change accepted: {change}")
 
@@ -310,15 +324,15 @@ def _cross_validate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         workdirs.record(top, config)
     results = []
-    for fold, (fold_config, c) in enumerate(zip(configs, checked, strict=True)):
-        if jax.process_index() == 0:
-            console.say(f"=== fold {fold} of {NUM_FOLDS} ===")
-        result = (
-            _finished(c.plan) if c.plan.action == "finished" else _run_fold(fold_config, fold, c)
-        )
-        if result.get("stopped_early"):
-            return {"stopped_early": True, "fold": fold}
-        results.append(result)
+    with input_pipeline.reuse_decoded():  # each cell decoded once for the five folds
+        for fold, (fold_config, c) in enumerate(zip(configs, checked, strict=True)):
+            if jax.process_index() == 0:
+                console.say(f"=== fold {fold} of {NUM_FOLDS} ===")
+            finished = c.plan.action == "finished"
+            result = _finished(c.plan) if finished else _run_fold(fold_config, fold, c)
+            if result.get("stopped_early"):
+                return {"stopped_early": True, "fold": fold}
+            results.append(result)
     return _write_cv_summary(workdir, results, any(c.plan.action == "reevaluate" for c in checked))
 
 

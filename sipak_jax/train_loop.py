@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from sipak_jax import console, evaluation, metrics
+from sipak_jax import checkpointing, console, evaluation, metrics
 from sipak_jax.console import UserError
 from sipak_jax.train_setup import Run
 from sipak_jax.train_step import TrainState, model_dict
@@ -222,6 +222,16 @@ def save_checkpoint(loop: Loop, *, force: bool) -> bool:
     )
 
 
+def epoch_save_due(loop: Loop) -> bool:
+    """An epoch end is saved when its validation is a new best, when it is the last, or every
+    `config.checkpoint_every_epochs` epochs (0: only those two). The best checkpoint is never
+    missed (every new best is saved); a crash loses at most that many epochs, replayed exactly
+    on resume."""
+    every = int(loop.run.config.checkpoint_every_epochs)
+    new_best = loop.best is not None and loop.best[1] == loop.epoch
+    return new_best or loop.last_step or (every > 0 and loop.epoch % every == 0)
+
+
 class Checkpoint(PeriodicAction):
     def due(self, loop):
         return loop.epoch_end or loop.run.ckpt.should_save(loop.step)
@@ -229,8 +239,20 @@ class Checkpoint(PeriodicAction):
     def apply(self, loop):
         t0 = time.perf_counter()
         loop.eval_s = t0 - loop.t_train_end if loop.epoch_end else 0.0
-        save_checkpoint(loop, force=loop.epoch_end)
+        if not loop.epoch_end:
+            save_checkpoint(loop, force=False)
+        elif epoch_save_due(loop):
+            save_checkpoint(loop, force=True)
         loop.checkpoint_s = time.perf_counter() - t0
+
+
+def saved_best(run: Run) -> tuple[float, int] | None:
+    """(validation macro-F1, epoch) of the best saved checkpoint: where a resumed run's
+    `Loop.best` starts."""
+    by_step = run.ckpt.metrics_by_step()
+    step = checkpointing.pick_best_step(by_step, run.metadata.best_metric)
+    value = checkpointing.metric_value(by_step.get(step), run.metadata.best_metric)
+    return None if value is None else (value, step // run.steps_per_epoch)
 
 
 def _clock(seconds: float) -> str:
@@ -308,7 +330,8 @@ class Heartbeat(PeriodicAction):
 
 class Profile(PeriodicAction):
     """A jax.profiler trace of `config.profile_steps` steps after 10 steps of warm-up, into
-    `workdir/plugins/profile` (TensorBoard's profile tab); process 0 only."""
+    `workdir/plugins/profile` (TensorBoard's profile tab; also as Perfetto JSON, which
+    `benchmarks/profile_summary.py` reads); process 0 only."""
 
     def __init__(self, run: Run):
         super().__init__(at_epoch_end=False)
@@ -322,7 +345,7 @@ class Profile(PeriodicAction):
 
     def apply(self, loop):
         if loop.step == self.window[0] and not self.tracing:
-            jax.profiler.start_trace(self.logdir)
+            jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
             self.tracing = True
         elif self.tracing:
             self.close()
@@ -405,6 +428,7 @@ def train_loop(run: Run, writer, actions: list[PeriodicAction] | None = None) ->
     """Trains from `run.start_step` to the end (or a signal); returns the final `Loop`."""
     actions = default_actions(run) if actions is None else actions
     loop = Loop(run, writer, run.state, run.empty_metrics(), run.start_step)
+    loop.best = saved_best(run) if run.start_step else None
     t_loop = loop.t_epoch = time.perf_counter()
     batches = run.data.train_batches(run.start_step)
     try:

@@ -118,12 +118,24 @@ def locate_weights(config) -> str:
         return convert.resolve_input(config.init_from)
     except FileNotFoundError:
         name = os.path.basename(config.init_from)
+        if config.model.get("name") == "vit":
+            raise UserError(
+                f"config.init_from={config.init_from}: no such file or model DIR. Convert ViT "
+                "weights once: python -m sipak_jax.convert --source=timm "
+                "--arch=vit_base_patch16_224 --input=model.safetensors "
+                f"--output={config.init_from} (or --source=torchvision --arch=vit_b_16 "
+                "--input=vit_b_16-c867db91.pth); or pass --config.init_from='' to train from "
+                "scratch"
+            ) from None
         source = "keras" if name.endswith(".h5") else "torchvision"
+        arch = convert.official_arch(name)  # e.g. convnext_tiny; None for a ResNet
+        source_flags = f"{source} --arch={arch}" if arch else source
+        out = f"weights/{arch}" if arch else f"weights/{source}_r50"
         raise UserError(
             f"config.init_from={config.init_from}: no such file or model DIR, and no cached "
             f"copy in {convert.default_cache_dir()}. Fetch and convert the weights: python -m "
-            f"sipak_jax.convert --source={source} --download --input={name} "
-            f"--output=weights/{source}_r50 ; then pass --config.init_from=weights/{source}_r50 "
+            f"sipak_jax.convert --source={source_flags} --download --input={name} "
+            f"--output={out} ; then pass --config.init_from={out} "
             "(or --config.init_from='' to train from scratch)"
         ) from None
 
@@ -161,6 +173,8 @@ def _metadata(config, model, taxonomy, spec, source, fold, data_plan) -> model_i
             "config": config.dataset_config,
             "data_dir": data_dir,
             "manual_dir": manual_dir,
+            "options": dict(data_plan.options),
+            "tfds_config": data_plan.tfds_config,
         },
     ).validate()
 
@@ -184,24 +198,41 @@ def _mesh(config) -> jax.sharding.Mesh:
     return mesh
 
 
+XLA_CACHE_ENV = "SIPAK_JAX_XLA_CACHE"
+
+
+def compilation_cache_dir(value: str) -> str:
+    """`config.compilation_cache_dir` as a path: 'auto' is `$SIPAK_JAX_XLA_CACHE` or
+    `~/.cache/sipak_jax/xla`; '' is no persistent cache."""
+    if value == "auto":
+        value = os.environ.get(XLA_CACHE_ENV) or os.path.join("~", ".cache", "sipak_jax", "xla")
+    return os.path.abspath(os.path.expanduser(value)) if value else ""
+
+
+def use_compilation_cache(value: str) -> None:
+    """Turns on JAX's persistent compilation cache: a fold (or a rerun) whose steps compile to
+    the same programs loads them instead of compiling again (keyed by the program, the XLA
+    flags and the jaxlib version)."""
+    path = compilation_cache_dir(value)
+    if path and jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def setup(
     config, workdir: str, fold: int, data_plan, init_path: str, *, write_metadata=True
 ) -> Run:
     """Builds one fold's `Run` and restores its latest checkpoint, if any; writes
     `workdir/metadata.json` (process 0) unless told not to (a re-evaluation keeps the file)."""
-    if config.compilation_cache_dir:
-        jax.config.update(
-            "jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir)
-        )
+    use_compilation_cache(config.compilation_cache_dir)
     mesh = _mesh(config)
-    data_dir, manual_dir = train_data.prepare_dataset(data_plan)
-    data = train_data.Data(config, data_dir, manual_dir, fold, mesh)
-    taxonomy = taxonomies.for_dataset(config.dataset)
+    train_data.prepare_dataset(data_plan)
+    data = train_data.Data(config, data_plan, fold, mesh)
+    taxonomy = data.taxonomy  # the dataset's, from its metadata or its reader
     model = create_model(config, taxonomy.num_classes, seed=int(config.seed))
     spec, source = _init_weights(config, model, init_path)
     metadata = _metadata(config, model, taxonomy, spec, source, fold, data_plan)
     graphdef, params, batch_stats, *rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    tx, schedules = make_optimizer(config, data.steps_per_epoch)
+    tx, schedules = make_optimizer(config, data.steps_per_epoch, model)
     state = init_state(nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), tx, mesh)
     full, head, evaluate = jit_steps(
         config, graphdef, rest, tx, spec, mesh, data.batch_sharding,

@@ -1,10 +1,13 @@
 """The update step and what it updates: model, optimizer, `TrainState`, metrics, eval step.
 
-- `create_model(config, num_classes, seed)`: the configured ResNet (float32 parameters,
-  `config.compute_dtype` computation).
-- `make_optimizer(config, steps_per_epoch) -> (tx, schedules)`: global-norm clipping, then
-  AdamW per group (the `fc` head and the backbone) with its own schedule; during the first
-  `head_epochs` only the head learns.
+- `create_model(config, num_classes, seed)`: the configured model of any family
+  (`config.model.name`, `sipak_jax.models.registry`; float32 parameters,
+  `config.compute_dtype` computation, `config.model.drop_path` stochastic depth).
+- `make_optimizer(config, steps_per_epoch, model=None) -> (tx, schedules)`: global-norm
+  clipping, then AdamW per group (the `fc` head and the backbone) with its own schedule; during
+  the first `head_epochs` only the head learns. With `config.optimizer.layer_decay` < 1 each
+  parameter's update is scaled by `layer_decay ** (model.num_layer_ids - 1 -
+  model.layer_id(path))` (layer-wise learning-rate decay, BEiT / ConvNeXt fine-tuning).
 - `TrainState`: step, parameters, BatchNorm statistics, optimizer state and the non-finite
   streak, all replicated over the mesh. `init_state(...)` builds it from host values.
 - `make_train_step(...)`: the pure update (state, metrics, batch) -> (state, metrics) that the
@@ -27,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sipak_jax import augment, preprocessing
-from sipak_jax.models import ResNet
+from sipak_jax.models import registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -35,18 +38,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # ---- Model -----------------------------------------------------------------------------------
 
 
-def create_model(config, num_classes: int, *, seed: int) -> ResNet:
-    """The configured ResNet, randomly initialised (float32 parameters)."""
+def create_model(config, num_classes: int, *, seed: int) -> nnx.Module:
+    """The configured model (`config.model`, any registry family), randomly initialised
+    (float32 parameters)."""
     m = config.model
-    return ResNet(
-        int(m.depth),
-        num_classes,
-        variant=m.variant,
-        width=int(m.width),
-        dropout_rate=float(m.dropout_rate),
+    return registry.create(
+        registry.training_config(m, num_classes),
         dtype=DTYPES[config.compute_dtype],
-        stage_sizes=tuple(m.stage_sizes) if m.stage_sizes else None,
-        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+        dropout_rate=float(m.dropout_rate),
+        drop_path=float(m.get("drop_path", 0.0) or 0.0),
+        seed=seed,
     )
 
 
@@ -54,13 +55,20 @@ def create_model(config, num_classes: int, *, seed: int) -> ResNet:
 
 
 def _is_head(path) -> bool:
-    return jax.tree_util.keystr(path).startswith("['fc']")
+    """The new head: the classifier `fc` and, with `model.head='attention'`, its pool."""
+    return jax.tree_util.keystr(path).startswith(("['fc']", "['attention_pool']"))
+
+
+# Multi-dimensional parameters that are not weights: a ViT's position embeddings and class
+# token (timm's `no_weight_decay()`, MAE / BEiT fine-tuning).
+_NO_DECAY = frozenset({"pos_embed", "cls_token"})
 
 
 def _decays(path, leaf) -> bool:
-    """Weight decay on kernels only (not on biases nor BatchNorm scale/bias)."""
-    del path
-    return jnp.ndim(leaf) > 1
+    """Weight decay on kernels only (not on biases, normalisation scales and biases, nor
+    `_NO_DECAY`)."""
+    names = {str(getattr(k, "key", k)) for k in path}
+    return jnp.ndim(leaf) > 1 and not names & _NO_DECAY
 
 
 def make_schedules(config, steps_per_epoch: int) -> dict:
@@ -85,8 +93,38 @@ def make_schedules(config, steps_per_epoch: int) -> dict:
     return {"head": head, "backbone": backbone}
 
 
-def make_optimizer(config, steps_per_epoch: int):
-    """Clipping, then AdamW per group (head / backbone) with its own schedule."""
+def layer_decay_scales(model, decay: float):
+    """A function (param path tuple, leaf) -> the update scale of that parameter:
+    `decay ** (model.num_layer_ids - 1 - model.layer_id("a/b/c"))` (the head 1, the stem
+    the smallest)."""
+    top = model.num_layer_ids - 1
+
+    def scale(path, _):
+        return float(decay) ** (top - model.layer_id(_path_str(path)))
+
+    return scale
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def scale_by_layer(scale_fn) -> optax.GradientTransformation:
+    """Multiplies each update by `scale_fn(path, leaf)` (a Python float per parameter)."""
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda p, u: u * jnp.asarray(scale_fn(p, u), u.dtype), updates
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config, steps_per_epoch: int, model=None):
+    """Clipping, then AdamW per group (head / backbone) with its own schedule, then the
+    layer-wise decay of `config.optimizer.layer_decay` (needs `model`'s layer ids)."""
 
     def group(params):
         return jax.tree_util.tree_map_with_path(
@@ -105,6 +143,11 @@ def make_optimizer(config, steps_per_epoch: int):
     if config.grad_clip_norm and config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     parts.append(optax.partition(groups, group))
+    layer_decay = float(config.optimizer.layer_decay) if "optimizer" in config else 1.0
+    if layer_decay != 1.0:
+        if model is None:
+            raise ValueError("config.optimizer.layer_decay != 1 needs the model's layer ids")
+        parts.append(scale_by_layer(layer_decay_scales(model, layer_decay)))
     return optax.chain(*parts), schedules
 
 
@@ -185,19 +228,31 @@ def with_model_dict(state: TrainState, model: dict) -> TrainState:
 # ---- Update step -----------------------------------------------------------------------------
 
 
+def _classify_frozen(model, x):
+    """Logits with no gradient into the features (a ViT's class token travels beside its
+    token grid: `features_with_context`)."""
+    if hasattr(model, "features_with_context"):
+        h, context = jax.lax.stop_gradient(model.features_with_context(x))
+        return model.classify(h, model.num_stages, context)
+    return model.classify(jax.lax.stop_gradient(model.features(x)))
+
+
 def _make_loss_fn(config, graphdef, rest, *, head_only: bool):
     """(params, batch_stats, x, targets, dropout key) -> (loss, (logits, new batch_stats)).
     `head_only` runs the backbone in inference mode under stop_gradient (frozen, BatchNorm
     statistics untouched)."""
-    has_dropout = float(config.model.dropout_rate) > 0
+    m = config.model
+    has_dropout = float(m.dropout_rate) > 0 or float(m.get("drop_path") or 0.0) > 0
 
     def loss_fn(params, batch_stats, x, targets, drop_key):
-        model = nnx.merge(graphdef, params, batch_stats, *rest)
+        # copy=True: fresh Variables inside this trace; `reseed` may not mutate the RNG state's
+        # own Variables, created outside it (flax TraceContextError with dropout or drop_path).
+        model = nnx.merge(graphdef, params, batch_stats, *rest, copy=True)
         if has_dropout:
             nnx.reseed(model, dropout=drop_key)
         if head_only:
             model.eval()
-            logits = model.classify(jax.lax.stop_gradient(model.features(x)))
+            logits = _classify_frozen(model, x)
         else:
             model.train()
             logits = model(x)

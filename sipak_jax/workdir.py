@@ -48,11 +48,24 @@ SAFE_FIELDS = (
     "profile_steps",
     "prefetch",
     "compilation_cache_dir",
+    "checkpoint_every_epochs",
     "num_overlay_cells",
     "overlay_method",
     "evaluators",
 )
 _ABSENT = "(absent)"
+# Fields added after workdirs were written, with the value that keeps the old behaviour: a
+# workdir whose config.json lacks one resumes when the new config has exactly that value.
+ADDED_FIELDS = {
+    "group_regex": "",
+    "group_csv": "",
+    "taxonomy": "",
+    "crop_size": 0,
+    "model.name": "resnet",
+    "model.drop_path": 0.0,
+    "model.head": "gap",
+    "optimizer.layer_decay": 1.0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +138,8 @@ def is_finished(workdir: str) -> bool:
 
 def _is_safe(change: Change, config, finished: bool) -> bool:
     if change.field in SAFE_FIELDS:
+        return True
+    if change.old is _ABSENT and ADDED_FIELDS.get(change.field, _ABSENT) == change.new:
         return True
     if change.field == "num_epochs" and config.get("allow_more_epochs", False):
         return not finished and isinstance(change.old, int) and change.new > change.old

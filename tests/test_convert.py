@@ -341,15 +341,21 @@ def test_official_names_and_addresses():
     assert convert.official_url("resnet50-11ad3fa6.pth") == (
         "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
     )
-    # Every torchvision ResNet ImageNet file this module knows is one torchvision publishes.
-    from torchvision.models import resnet
+    # Every torchvision ImageNet file this module knows (ResNets, ConvNeXts) is one torchvision
+    # publishes, with the evaluation resize torchvision gives it.
+    from torchvision.models import convnext, resnet
 
-    urls = {
-        w.url
-        for n in ("18", "34", "50", "101", "152")
-        for w in getattr(resnet, f"ResNet{n}_Weights")
-    }
-    assert {convert.official_url(n) for n in convert.TORCHVISION_FILES} == urls
+    weights = [
+        w for n in ("18", "34", "50", "101", "152") for w in getattr(resnet, f"ResNet{n}_Weights")
+    ] + [
+        w
+        for n in ("Tiny", "Small", "Base", "Large")
+        for w in getattr(convnext, f"ConvNeXt_{n}_Weights")
+    ]
+    assert {convert.official_url(n) for n in convert.TORCHVISION_FILES} == {w.url for w in weights}
+    for w in weights:
+        name = w.url.rsplit("/", 1)[1]
+        assert convert.TORCHVISION_FILES[name] == w.transforms().resize_size[0], name
 
 
 def test_init_from_a_raw_weights_file_loads_the_backbone_and_keeps_the_head(tiny_torch):

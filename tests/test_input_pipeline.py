@@ -66,12 +66,11 @@ def test_cache_shapes_dtypes_and_values_against_the_files(dataset, train_cache):
     n = len(c)
     assert n == c.num_examples > 10
     assert c.image.shape == (n, SIZE, SIZE, 3) and c.image.dtype == np.uint8
-    for f in ("label", "label_3class", "label_2class", "cell_index", "index"):
+    for f in ("label", "index"):
         assert getattr(c, f).dtype == np.int32 and getattr(c, f).shape == (n,)
     np.testing.assert_array_equal(c.index, np.arange(n))
-    for view in ("3class", "2class"):
-        want = np.asarray(SIPAKMED.view_labels(view))[c.label]
-        np.testing.assert_array_equal(getattr(c, f"label_{view}"), want)
+    assert c.taxonomy == SIPAKMED  # from the build's metadata.json
+    assert c.grouping["rule"] == "cluster image" and c.grouping["leak_free"]
     assert set(c.split) == {"fold1", "fold2", "fold3"}
     for split in ("fold1", "fold2", "fold3"):  # (split, file_name) order
         names = list(c.file_name[c.split == split])
@@ -85,7 +84,7 @@ def test_cache_shapes_dtypes_and_values_against_the_files(dataset, train_cache):
         for part, got in (("nuc", c.nucleus_contour[i]), ("cyt", c.cytoplasm_contour[i])):
             want = np.loadtxt(f"{stem}_{part}.dat", delimiter=",", ndmin=2, dtype=np.float32)
             np.testing.assert_array_equal(got, want.reshape(-1, 2))
-        assert c.cluster_id[i] == f"{c.file_name[i].split('/')[0][3:]}/{c.file_name[i][-10:-7]}"
+        assert c.group_id[i] == f"{c.file_name[i].split('/')[0][3:]}/{c.file_name[i][-10:-7]}"
         frame = c.contour_in_frame(i, "cytoplasm")
         assert frame.min() >= -1 and frame.max() <= SIZE
 
@@ -98,9 +97,7 @@ def test_manual_dir_path_gives_identical_arrays(dataset, train_cache):
     for f in (
         "image",
         "label",
-        "label_3class",
-        "cell_index",
-        "cluster_id",
+        "group_id",
         "file_name",
         "split",
         "annotation_valid",
@@ -142,8 +139,10 @@ def test_both_sources_have_the_same_interface_and_examples(dataset):
     for i in (0, len(raw_src) - 1):
         a, b = tfds_src[i], raw_src[i]
         assert a["file_name"] == b["file_name"] == tfds_src.records[i].file_name
-        for k in ("image", "label", "cluster_id", "cell_index", "nucleus_contour"):
+        assert sorted(a) == sorted(b)  # the same keys: the common schema + SIPaKMeD's own
+        for k in ("image", "label", "group_id", "cell_index", "nucleus_contour", "label_2class"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert tfds_src.taxonomy == raw_src.taxonomy == SIPAKMED
 
 
 def test_raw_tree_gives_the_same_folds_as_the_tfds_build(dataset):
@@ -243,7 +242,7 @@ def test_process_shares_are_disjoint_and_complete(dataset):
 
 def test_carve_validation_is_grouped_stratified_and_deterministic():
     rng = np.random.default_rng(0)
-    cluster_id, label = [], []
+    cluster_id, label = [], []  # SIPaKMeD's groups: cluster images
     for c in range(5):
         for k in range(40):
             size = int(rng.integers(1, 8))
@@ -270,13 +269,43 @@ def test_load_folds_keeps_the_test_fold_apart(dataset):
     assert set(folds["test"].split) == {"fold2"}
     train, val = folds["train"], folds["validation"]
     assert "fold2" not in set(train.split) | set(val.split)
-    assert not set(train.cluster_id) & set(val.cluster_id)
+    assert not set(train.group_id) & set(val.group_id)
     assert not set(train.file_name) & set(val.file_name)
     everything = ip.load_splits(data, "grouped", ("fold0", "fold1", "fold3", "fold4"), 16)
     assert sorted(train.file_name.tolist() + val.file_name.tolist()) == sorted(
         everything.file_name.tolist()
     )
     assert len(val) > 0
+
+
+def test_reuse_decoded_prepares_each_cell_once_for_all_folds(dataset, monkeypatch):
+    from sipak_jax.input_pipeline import cache as cache_lib
+
+    _, data = dataset
+    plain = [
+        ip.load_folds(data, "grouped", test_fold=f, image_size=16, validation_fraction=0.2)
+        for f in (0, 1)
+    ]
+    calls = []
+    original = cache_lib._prepare
+    monkeypatch.setattr(
+        cache_lib, "_prepare", lambda *a, **k: calls.append(a[1]) or original(*a, **k)
+    )
+    with ip.reuse_decoded():
+        reused = [
+            ip.load_folds(data, "grouped", test_fold=f, image_size=16, validation_fraction=0.2)
+            for f in (0, 1)
+        ]
+        once = len(calls)
+        ip.load_folds(data, "grouped", test_fold=2, image_size=24, validation_fraction=0.2)
+    assert once == len(set(calls[:once])) == sum(len(c) for c in plain[0].values())
+    assert len(calls) == 2 * once  # another image size: decoded again
+    for a, b in zip(plain, reused, strict=True):
+        for name in ("train", "validation", "test"):
+            np.testing.assert_array_equal(a[name].image, b[name].image)
+            assert a[name].file_name.tolist() == b[name].file_name.tolist()
+    ip.load_folds(data, "grouped", test_fold=3, image_size=16, validation_fraction=0.2)
+    assert len(calls) == 3 * once  # outside the block: nothing kept
 
 
 def test_clear_errors(dataset, tmp_path, train_cache):

@@ -232,7 +232,7 @@ def test_unreadable_files_get_error_rows_and_exit_1(model_dir, tmp_path):
     assert good["label"] == SIPAKMED.class_names[int(p.argmax())]
     assert good["bethesda"] == SIPAKMED.readings[good["label"]]
     assert float(good["p_abnormal"]) == pytest.approx(p[list(SIPAKMED.abnormal_indices())].sum())
-    # The CSV columns of a SIPaKMeD model are those of every earlier version.
+    # The CSV columns of a SIPaKMeD model: those of earlier versions plus `uncertainty`.
     assert list(rows[0]) == [
         "path",
         "label",
@@ -243,6 +243,7 @@ def test_unreadable_files_get_error_rows_and_exit_1(model_dir, tmp_path):
         "p_abnormal",
         "flagged",
         "temperature",
+        "uncertainty",
         *(f"p_{n}" for n in SIPAKMED.class_names),
         "overlay",
         "error",

@@ -53,7 +53,13 @@ def test_every_method_gives_finite_maps_of_the_input_size(fns):
         "smoothgrad_sq": {"n_samples": 2},
         "vargrad": {"n_samples": 2},
     }
-    for name in saliency.METHODS:
+    # rollout and attention_head need a ViT / the attention head (tests/test_saliency_vit.py);
+    # on this plain ResNet they must refuse clearly.
+    needs_attention = ("rollout", "attention_head")
+    for name in needs_attention:
+        with pytest.raises(ValueError, match="attention"):
+            saliency.explain(fns, x, name, stage=2)
+    for name in (m for m in saliency.METHODS if m not in needs_attention):
         r = saliency.explain(fns, x, name, stage=2, **small.get(name, {}))
         assert r.maps.shape == (2, 32, 32), name
         assert r.normalized.shape == (2, 32, 32), name

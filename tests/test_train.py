@@ -143,6 +143,20 @@ def test_train_and_evaluate_writes_every_output(tiny_data, tmp_path, capsys):
         assert key in test
     assert test["abnormal_vs_nilm"]["sensitivity"] is not None
     assert saved["calibration"]["temperature"] > 0
+    # The test figures are those of the stored (temperature-scaled) probabilities: what
+    # predict's users get, grouped calls (abnormal vs NILM) included.
+    from sipak_jax import metrics
+    from tfds_sipakmed.taxonomy import SIPAKMED
+
+    assert test["temperature"] == saved["calibration"]["temperature"]
+    stored = np.asarray([p["probabilities"] for p in saved["predictions"]])
+    again = metrics.classification_metrics(
+        [p["label"] for p in saved["predictions"]], stored, SIPAKMED
+    )
+    for view in ("abnormal_vs_nilm", "view_2class"):
+        for key, value in again[view].items():
+            if isinstance(value, float):
+                assert test[view][key] == pytest.approx(value, abs=1e-4), (view, key)
     assert "controls" in saved["shortcuts"]
     assert saved["timing"]["steps"] == sum(e["steps"] for e in saved["timing"]["epochs"]) > 0
     row = saved["predictions"][0]

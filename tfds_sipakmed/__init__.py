@@ -8,6 +8,10 @@ machines without TFDS or TensorFlow:
   contours, read the BMP crops, check annotations; `iter_cells(manual_dir)`.
 - `tfds_sipakmed.folds`: the deterministic grouped (or cell-level) 5-fold assignment.
 - `tfds_sipakmed.synthetic`: the procedural stand-in dataset.
+- `tfds_sipakmed.datasets`: the registry (`NAMES`, `reader(name, manual_dir, options)`,
+  `CellRef`, `DatasetError`): one TF-free reader per dataset; `cell_folder_layout` reads any
+  lab's `ROOT/<class>/<images>` tree (TFDS builder `cell_folder`); `herlev_layout` and
+  `cric_layout` read the Herlev and CRIC Cervix downloads (builders `herlev`, `cric`).
 - `tfds_sipakmed.taxonomy`: each dataset's classes, groupings, abnormal set and clinical
   readings (`SIPAKMED`, `for_dataset`); standard library only.
 """
@@ -18,11 +22,29 @@ except ImportError:  # e.g. accelerator machines: the TF-free modules still work
     _tfds = None
 
 if _tfds is not None:
+    from tfds_sipakmed.cell_folder.cell_folder_dataset_builder import (  # noqa: F401 (registers)
+        Builder as _CellFolderBuilder,
+    )
+    from tfds_sipakmed.cric.cric_dataset_builder import (  # noqa: F401 (registers)
+        Builder as _CricBuilder,
+    )
+    from tfds_sipakmed.herlev.herlev_dataset_builder import (  # noqa: F401 (registers)
+        Builder as _HerlevBuilder,
+    )
     from tfds_sipakmed.sipakmed.sipakmed_dataset_builder import Builder  # noqa: F401 (registers)
 
 
-def build(manual_dir, data_dir=None, config="grouped", archive_checksums=None, file_format=None):
-    """Builds the `sipakmed` TFDS dataset from `manual_dir`; returns the tfds builder.
+def build(
+    manual_dir,
+    data_dir=None,
+    config="grouped",
+    archive_checksums=None,
+    file_format=None,
+    *,
+    dataset="sipakmed",
+    options=None,
+):
+    """Builds a registry dataset (default `sipakmed`) from `manual_dir`; returns the builder.
 
     See `tfds_sipakmed.build.build` (TensorFlow is imported only inside).
     """
@@ -34,4 +56,6 @@ def build(manual_dir, data_dir=None, config="grouped", archive_checksums=None, f
         config=config,
         archive_checksums=archive_checksums,
         file_format=file_format,
+        dataset=dataset,
+        options=options,
     )

@@ -1,12 +1,16 @@
-"""Build the `sipakmed` TFDS dataset from a manual dir, without the `tfds` command line.
+"""Build a dataset of the registry as TFDS array_record, without the `tfds` command line.
 
     python -m tfds_sipakmed.build --manual_dir=M [--data_dir=D] [--config=grouped]
-        [--archive_checksums=FILE]
+        [--dataset=sipakmed|herlev|cric|cell_folder] [--archive_checksums=FILE]
+        [--group_regex=R | --group_csv=F] [--taxonomy=T.json] [--crop_size=N]
 
 The `tfds build` command needs apache_beam; this entry point calls `download_and_prepare`
-directly, prints progress and the per-class counts, and warns when they differ from the
-published 813/825/793/787/831. The dataset is stored as array_record under
-`D/sipakmed/<config>/1.0.0/`; an existing build there is reused, never overwritten.
+directly and prints progress, the counts and the reader's warnings (SIPaKMeD: when the
+per-class counts differ from the published 813/825/793/787/831; a cell folder: when no
+grouping rule is given). The dataset is stored as array_record under
+`D/<dataset>/<config>/<version>/`; an existing build there is reused, never overwritten.
+`--config` is the fold config (`grouped` or `random_cells`); a builder with one config per
+manual dir (`cell_folder`) derives its config name from it (`Builder.config_for`).
 """
 
 from __future__ import annotations
@@ -17,20 +21,14 @@ import sys
 import time
 import types
 
+from tfds_sipakmed import datasets
 from tfds_sipakmed.folds import CONFIGS
-from tfds_sipakmed.layout import ENV_ARCHIVE_CHECKSUMS, SipakmedError, find_sources
+from tfds_sipakmed.layout import ENV_ARCHIVE_CHECKSUMS
+
+_OPTIONS = ("group_regex", "group_csv", "taxonomy", "crop_size")
 
 
-def build(manual_dir, data_dir=None, config="grouped", archive_checksums=None, file_format=None):
-    """Builds (or reuses) the `sipakmed` dataset with `config`; returns the tfds builder.
-
-    `archive_checksums`: None (the published sha256 are required, or those in the file named
-    by $SIPAKMED_ARCHIVE_CHECKSUMS), a {archive name: sha256} dict, or a `sha256sum`-style file
-    (e.g. the synthetic generator's SYNTHETIC_SHA256SUMS). `file_format`: None for array_record.
-    """
-    if config not in CONFIGS:
-        raise ValueError(f"unknown config {config!r}; expected one of {CONFIGS}")
-    find_sources(manual_dir)  # a missing or incomplete manual dir fails here, before TF starts
+def _import_tfds():
     import tensorflow as tf  # noqa: PLC0415 - building needs TF; keep it off accelerators
 
     try:
@@ -39,16 +37,52 @@ def build(manual_dir, data_dir=None, config="grouped", archive_checksums=None, f
         pass
     import tensorflow_datasets as tfds
 
-    import tfds_sipakmed  # noqa: F401 - registers the builder
+    import tfds_sipakmed  # noqa: F401 - registers the builders
 
-    kwargs = {"config": config, "archive_checksums": archive_checksums}
+    return tfds
+
+
+def build(
+    manual_dir,
+    data_dir=None,
+    config="grouped",
+    archive_checksums=None,
+    file_format=None,
+    *,
+    dataset="sipakmed",
+    options=None,
+):
+    """Builds (or reuses) `dataset` with the fold config `config`; returns the tfds builder.
+
+    `archive_checksums` (SIPaKMeD): None (the published sha256 are required, or those in the
+    file named by $SIPAKMED_ARCHIVE_CHECKSUMS), a {archive name: sha256} dict, or a
+    `sha256sum`-style file. `options`: the reader's options (`tfds_sipakmed.datasets`).
+    `file_format`: None for array_record. A bad manual dir raises `datasets.DatasetError`
+    before TensorFlow starts.
+    """
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; expected one of {CONFIGS}")
+    options = dict(options or {})
+    # A bad manual dir fails here, before TensorFlow starts (SIPaKMeD's archives are checked,
+    # sha256, when the build reads them).
+    reader = datasets.reader(dataset, manual_dir, {**options, "log": lambda s: None})
+    if dataset != "sipakmed":
+        reader.list_cells()
+    tfds = _import_tfds()
+    kwargs = {"config": config}
+    cls = tfds.builder_cls(dataset)
+    if hasattr(cls, "config_for"):  # one config per manual dir (cell_folder)
+        kwargs["config"] = cls.config_for(os.fspath(manual_dir), config, options)
+    if dataset == "sipakmed":
+        kwargs["archive_checksums"] = archive_checksums
     if data_dir is not None:
         kwargs["data_dir"] = os.fspath(data_dir)
     if file_format is not None:
         kwargs["file_format"] = file_format
-    builder = tfds.builder("sipakmed", **kwargs)
+    builder = tfds.builder(dataset, **kwargs)
+    name = f"{dataset}/{builder.builder_config.name}"
     if builder.is_prepared():
-        print(f"sipakmed/{config} is already built in {builder.data_dir}; reusing it.")
+        print(f"{name} is already built in {builder.data_dir}; reusing it.")
         return builder
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
@@ -58,27 +92,41 @@ def build(manual_dir, data_dir=None, config="grouped", archive_checksums=None, f
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tfds_sipakmed.build", description="Build the sipakmed TFDS dataset."
+        prog="python -m tfds_sipakmed.build", description="Build a dataset as TFDS array_record."
     )
-    p.add_argument("--manual_dir", required=True, help="the .7z archives or im_<Class>/ folders")
+    p.add_argument("--manual_dir", required=True, help="the dataset as downloaded / the folder")
     p.add_argument("--data_dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
-    p.add_argument("--config", default="grouped", choices=CONFIGS)
+    p.add_argument("--dataset", default="sipakmed", choices=datasets.NAMES)
+    p.add_argument("--config", default="grouped", choices=CONFIGS, help="the fold config")
     p.add_argument(
         "--archive_checksums",
         default=None,
-        help="sha256sum-style file replacing the published archive sums (synthetic archives); "
-        f"also ${ENV_ARCHIVE_CHECKSUMS}",
+        help="sipakmed: sha256sum-style file replacing the published archive sums (synthetic "
+        f"archives); also ${ENV_ARCHIVE_CHECKSUMS}",
     )
+    p.add_argument("--group_regex", default="", help="cell_folder: group id from the file name")
+    p.add_argument("--group_csv", default="", help="cell_folder: CSV file,group")
+    p.add_argument("--taxonomy", default="", help="cell_folder: taxonomy JSON")
+    p.add_argument("--crop_size", default=None, type=int, help="cric: crop size in pixels")
     a = p.parse_args(argv)
+    options = {k: getattr(a, k) for k in _OPTIONS if getattr(a, k) not in (None, "")}
     t0 = time.time()
     try:
-        builder = build(a.manual_dir, a.data_dir, a.config, a.archive_checksums)
-    except SipakmedError as e:
+        builder = build(
+            a.manual_dir,
+            a.data_dir,
+            a.config,
+            a.archive_checksums,
+            dataset=a.dataset,
+            options=options,
+        )
+    except datasets.DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     splits = builder.info.splits
     print(
-        f"Built sipakmed/{a.config} in {builder.data_dir} in {time.time() - t0:.1f} s: "
+        f"Built {a.dataset}/{builder.builder_config.name} in {builder.data_dir} in "
+        f"{time.time() - t0:.1f} s: "
         + ", ".join(f"{k}={splits[k].num_examples}" for k in sorted(splits))
     )
     return 0

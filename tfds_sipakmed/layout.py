@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from tfds_sipakmed.datasets import DatasetError
 from tfds_sipakmed.taxonomy import SIPAKMED
 
 DOWNLOAD_PAGE = "https://www.cs.uoi.gr/~marina/sipakmed.html"
@@ -52,7 +53,7 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _VERTEX_RE = re.compile(rf"^\s*({_NUMBER})\s*,\s*({_NUMBER})\s*$")
 
 
-class SipakmedError(ValueError):
+class SipakmedError(DatasetError):
     """Bad or missing SIPaKMeD input; the message names the file and says what to do."""
 
 

@@ -244,7 +244,80 @@ SIPAKMED = Taxonomy(
     dataset="sipakmed",
 )
 
-_REGISTRY = {"sipakmed": SIPAKMED}
+# Herlev (Jantzen et al. 2005): the class folders of smear2005.zip, alphabetical (the TFDS
+# label order), spelt as the archive spells them ("superficiel" included).
+_HERLEV_CLASSES = (
+    "carcinoma_in_situ",
+    "light_dysplastic",
+    "moderate_dysplastic",
+    "normal_columnar",
+    "normal_intermediate",
+    "normal_superficiel",
+    "severe_dysplastic",
+)
+_HERLEV_NORMAL = ("normal_columnar", "normal_intermediate", "normal_superficiel")
+
+HERLEV = Taxonomy(
+    class_names=_HERLEV_CLASSES,
+    abnormal=tuple(c for c in _HERLEV_CLASSES if c not in _HERLEV_NORMAL),
+    views={
+        # The dataset's own 2-class problem (Jantzen et al. 2005): classes 1-3 normal.
+        "2class": {
+            "names": ("normal", "abnormal"),
+            "of": {c: "normal" if c in _HERLEV_NORMAL else "abnormal" for c in _HERLEV_CLASSES},
+        },
+    },
+    # The Bethesda System 2014 (Nayar & Wilbur), its table of terms: LSIL covers mild
+    # dysplasia / CIN 1; HSIL covers moderate and severe dysplasia and carcinoma in situ
+    # (CIN 2, CIN 3). See tfds_sipakmed/herlev/README.md.
+    readings={
+        "normal_superficiel": "NILM (superficial squamous cells)",
+        "normal_intermediate": "NILM (intermediate squamous cells)",
+        "normal_columnar": "NILM (endocervical columnar cells)",
+        "light_dysplastic": "LSIL (mild dysplasia, CIN 1)",
+        "moderate_dysplastic": "HSIL (moderate dysplasia, CIN 2)",
+        "severe_dysplastic": "HSIL (severe dysplasia, CIN 3)",
+        "carcinoma_in_situ": "HSIL (carcinoma in situ, CIN 3)",
+    },
+    dataset="herlev",
+)
+
+_CRIC_CLASSES = ("NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC")
+_CRIC_3CLASS = {
+    "NILM": "normal",
+    "ASC-US": "low-grade",
+    "LSIL": "low-grade",
+    "ASC-H": "high-grade",
+    "HSIL": "high-grade",
+    "SCC": "high-grade",
+}
+
+# CRIC Cervix (Rezende et al. 2021): the six Bethesda categories of its classification table,
+# in the order of the platform's lesion ids (1 NILM ... 6 SCC); the TFDS label order.
+CRIC = Taxonomy(
+    class_names=_CRIC_CLASSES,
+    abnormal=_CRIC_CLASSES[1:],
+    views={
+        "2class": {
+            "names": ("normal", "abnormal"),
+            "of": {c: "normal" if c == "NILM" else "abnormal" for c in _CRIC_CLASSES},
+        },
+        # The 3-class problem of the CRIC authors (Diniz et al., J. Imaging 2021).
+        "3class": {"names": ("normal", "low-grade", "high-grade"), "of": _CRIC_3CLASS},
+    },
+    # The classes are Bethesda categories already.
+    readings={
+        "NILM": "NILM (negative for intraepithelial lesion or malignancy)",
+        "ASC-US": "ASC-US (atypical squamous cells of undetermined significance)",
+        "LSIL": "LSIL (low-grade squamous intraepithelial lesion)",
+        "ASC-H": "ASC-H (atypical squamous cells, cannot exclude HSIL)",
+        "HSIL": "HSIL (high-grade squamous intraepithelial lesion)",
+        "SCC": "SCC (squamous cell carcinoma)",
+    },
+    dataset="cric",
+)
+
+_REGISTRY = {"sipakmed": SIPAKMED, "herlev": HERLEV, "cric": CRIC}
 
 
 def for_dataset(name: str) -> Taxonomy:

@@ -1,15 +1,17 @@
-"""From the SIPaKMeD TFDS splits to global, sharded `jax.Array` batches, on grain, without
-TensorFlow.
+"""From a dataset's TFDS splits (any of `tfds_sipakmed.datasets.NAMES`) to global, sharded
+`jax.Array` batches, on grain, without TensorFlow.
 
 TensorFlow builds the TFDS dataset (`tfds_sipakmed.build`); training, evaluation and the
 benchmarks only read it. Three parts, one job each:
 
 - `sources`: the built TFDS dataset (`as_data_source()` on array_record) or the raw tree
-  (`tfds_sipakmed.layout`), behind grain's RandomAccessDataSource interface (`len`, `[i]`),
-  examples in (split, `file_name`) order; both give identical examples.
+  (the dataset's reader, `tfds_sipakmed.datasets`), behind grain's RandomAccessDataSource
+  interface (`len`, `[i]`), examples in (split, `file_name`) order in the common schema
+  (`group_id`, ...); both give identical examples and the data's `taxonomy`.
 - `cache`: `load_splits` / `load_folds` decode and resize every example this process keeps
   once (a grain map over worker threads) into an in-memory uint8 `Cache`; `load_folds`
-  carves a grouped validation part out of the training folds (`carve_validation`).
+  carves a grouped validation part out of the training folds (`carve_validation`);
+  inside `reuse_decoded()` (a 5-fold study) each cell is decoded once for all folds.
 - `batches`: `train_batches` / `eval_batches`: grain pipelines over the cache (the rows of
   each step, gather, device put, prefetch) that start at any step.
 
@@ -30,7 +32,13 @@ from sipak_jax.input_pipeline.batches import (
     train_dataset,
     train_rows,
 )
-from sipak_jax.input_pipeline.cache import Cache, carve_validation, load_folds, load_splits
+from sipak_jax.input_pipeline.cache import (
+    Cache,
+    carve_validation,
+    load_folds,
+    load_splits,
+    reuse_decoded,
+)
 from sipak_jax.input_pipeline.sources import (
     RawTreeSource,
     Record,
@@ -56,6 +64,7 @@ __all__ = [
     "load_splits",
     "num_eval_steps",
     "open_source",
+    "reuse_decoded",
     "steps_per_epoch",
     "train_batches",
     "train_dataset",

@@ -3,7 +3,9 @@
 `load_splits(...)` -> `Cache` of the union of TFDS splits; `load_folds(...)` ->
 `{'train', 'validation', 'test'}` Caches of one cross-validation round (the test fold, and the
 other folds split by `carve_validation` into training and a validation part carved out by
-whole cluster images, so model selection never looks at the test fold).
+whole groups (`group_id`: SIPaKMeD's cluster images, a lab's slides), so model selection
+never looks at the test fold). Any dataset of the registry (`dataset=`, `options=`; see
+`tfds_sipakmed.datasets`); each Cache carries the data's `taxonomy` and grouping rule.
 
 With several JAX processes each keeps only its share of every subset: rows `p::P` of the
 subset's (split, `file_name`) order (`p = jax.process_index()`, `P = jax.process_count()`),
@@ -22,11 +24,12 @@ a GPU and hours on a CPU; in exchange there is no cache key to get wrong and no 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grain
 import jax
@@ -35,9 +38,10 @@ import numpy as np
 from sipak_jax import preprocessing
 from sipak_jax.input_pipeline.sources import open_source
 from tfds_sipakmed.folds import NUM_FOLDS, split_name
+from tfds_sipakmed.taxonomy import Taxonomy
 
-_INT_FIELDS = ("label", "label_3class", "label_2class", "cell_index")
 _CONTOURS = ("nucleus_contour", "cytoplasm_contour")
+_MASKS = ("nucleus_mask", "cytoplasm_mask")
 
 
 @dataclasses.dataclass(repr=False)
@@ -45,21 +49,22 @@ class Cache:
     """Decoded, resized examples of one subset (this process's share), one row per example.
 
     `image` uint8 [n, S, S, 3] (`preprocessing.resize_crop`, policy `pad` or `stretch`);
-    `label`, `label_3class`, `label_2class`, `cell_index`, `index` int32 [n] (`index`: the row
-    in the whole subset over all processes); `cluster_id`, `file_name`, `split` str [n];
-    `annotation_valid` bool [n]; `crop_shape` int32 [n, 2] (original (h, w)); `mean_colour`
+    `label`, `index` int32 [n] (`index`: the row in the whole subset over all processes);
+    `group_id`, `file_name`, `split` str [n]; `annotation_valid` bool [n] (False where the
+    dataset has no annotation); `crop_shape` int32 [n, 2] (original (h, w)); `mean_colour`
     float32 [n, 3] (RGB mean of the original crop); `border_colour` uint8 [n, 3] (the pad
     colour); `nucleus_contour` / `cytoplasm_contour`: lists of float32 [K, 2] (x, y in crop
-    pixels; `contour_in_frame` maps them into the resized frame).
+    pixels, [0, 2] where the dataset has none; `contour_in_frame` maps them into the resized
+    frame). `nucleus_mask` / `cytoplasm_mask`: lists of crop-level bool [h, w] masks (None for
+    an example without one), or None when the dataset has no masks (only Herlev has them).
+    `taxonomy`, `grouping`, `warnings`: what the source says the data means
+    (`sipak_jax.input_pipeline.sources`).
     """
 
     image: np.ndarray
     label: np.ndarray
-    label_3class: np.ndarray
-    label_2class: np.ndarray
-    cell_index: np.ndarray
     index: np.ndarray
-    cluster_id: np.ndarray
+    group_id: np.ndarray
     file_name: np.ndarray
     split: np.ndarray
     annotation_valid: np.ndarray
@@ -73,6 +78,11 @@ class Cache:
     resize: str
     process_index: int = 0
     process_count: int = 1
+    nucleus_mask: list | None = None
+    cytoplasm_mask: list | None = None
+    taxonomy: Taxonomy | None = None
+    grouping: dict | None = None
+    warnings: tuple = ()
 
     def __len__(self) -> int:
         return len(self.label)
@@ -115,26 +125,70 @@ def _empty_columns(n: int, image_size: int) -> dict:
         "mean_colour": np.zeros((n, 3), np.float32),
         "border_colour": np.zeros((n, 3), np.uint8),
         "annotation_valid": np.zeros(n, bool),
+        "label": np.zeros(n, np.int32),
     }
-    cols.update({k: np.zeros(n, np.int32) for k in _INT_FIELDS})
-    cols.update({k: [None] * n for k in (*_CONTOURS, "cluster_id", "file_name")})
+    cols.update({k: [None] * n for k in (*_CONTOURS, *_MASKS, "group_id", "file_name")})
     return cols
 
 
-def _fill(source, rows: Sequence[int], image_size: int, resize: str, num_threads) -> dict:
-    """Columns of `source[rows]`, decoded and resized by a grain map over worker threads."""
-    cols = _empty_columns(len(rows), image_size)
+# Rows decoded for one fold of a study, reused by the next (`reuse_decoded`).
+_DECODED: dict = {"on": False, "key": None, "rows": {}}
+
+
+@contextlib.contextmanager
+def reuse_decoded():
+    """Inside the block each cell is decoded and resized once: the folds of a cross-validation
+    study read the same cells, and a later fold takes the rows an earlier one prepared (same
+    source, image size and resize policy; the memory is freed when the block ends). Saves
+    about 5.8 s per fold for 4,050 cells at 224 on a 16-core host."""
+    _DECODED.update(on=True, key=None, rows={})
+    try:
+        yield
+    finally:
+        _DECODED.update(on=False, key=None, rows={})
+
+
+def _decoded_rows(source, image_size: int, resize: str) -> dict:
+    """{file_name: prepared example} shared inside `reuse_decoded`, else a fresh dict."""
+    if not _DECODED["on"]:
+        return {}
+    where = getattr(source, "builder_dir", None) or getattr(source, "manual_dir", None)
+    key = (type(source).__name__, where, int(image_size), resize)
+    if _DECODED["key"] != key:
+        _DECODED.update(key=key, rows={})
+    return _DECODED["rows"]
+
+
+def _prepared(source, rows: Sequence[int], image_size: int, resize: str, num_threads):
+    """The prepared examples of `source[rows]`, in order: those not decoded yet by a grain
+    map over worker threads."""
+    done = _decoded_rows(source, image_size, resize)
+    todo = [r for r in rows if source.records[r].file_name not in done]
     threads = int(num_threads or min(8, os.cpu_count() or 1))
     prepare = functools.partial(_prepare, source, image_size=int(image_size), resize=resize)
-    examples = grain.MapDataset.source(list(rows)).map(prepare)
+    examples = grain.MapDataset.source(todo).map(prepare)
     read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
-    for i, ex in enumerate(examples.to_iter_dataset(read)):
-        for k in ("image", "crop_shape", "mean_colour", "border_colour", *_INT_FIELDS):
+    fresh = iter(examples.to_iter_dataset(read))
+    for r in rows:
+        name = source.records[r].file_name
+        ex = done[name] if name in done else next(fresh)
+        if _DECODED["on"]:
+            done[name] = ex
+        yield ex
+
+
+def _fill(source, rows: Sequence[int], image_size: int, resize: str, num_threads) -> dict:
+    """Columns of `source[rows]`, decoded and resized (`_prepared`)."""
+    cols = _empty_columns(len(rows), image_size)
+    for i, ex in enumerate(_prepared(source, rows, image_size, resize, num_threads)):
+        for k in ("image", "crop_shape", "mean_colour", "border_colour", "label"):
             cols[k][i] = ex[k]
-        cols["annotation_valid"][i] = bool(ex["annotation_valid"])
-        cols["cluster_id"][i], cols["file_name"][i] = ex["cluster_id"], ex["file_name"]
+        cols["annotation_valid"][i] = bool(ex.get("annotation_valid", False))
+        cols["group_id"][i], cols["file_name"][i] = ex["group_id"], ex["file_name"]
         for k in _CONTOURS:
-            cols[k][i] = np.asarray(ex[k], np.float32).reshape(-1, 2)
+            cols[k][i] = np.asarray(ex.get(k, ()), np.float32).reshape(-1, 2)
+        for k in _MASKS:
+            cols[k][i] = None if ex.get(k) is None else np.asarray(ex[k], bool)
     return cols
 
 
@@ -154,8 +208,10 @@ def _materialise(source, subsets: dict, image_size, resize, pi, pc, num_threads)
     for name, share in shares.items():
         stop = start + len(share)
         part = {k: v[start:stop] for k, v in cols.items()}  # views of the arrays: no copy
-        for k in ("cluster_id", "file_name"):
+        for k in ("group_id", "file_name"):
             part[k] = np.asarray(part[k], dtype=str).reshape(-1)
+        for k in _MASKS:  # None for a dataset without masks
+            part[k] = part[k] if any(m is not None for m in cols[k]) else None
         out[name] = Cache(
             **part,
             split=np.asarray([source.records[r].split for r in share], dtype=str).reshape(-1),
@@ -165,6 +221,9 @@ def _materialise(source, subsets: dict, image_size, resize, pi, pc, num_threads)
             resize=resize,
             process_index=pi,
             process_count=pc,
+            taxonomy=source.taxonomy,
+            grouping=source.grouping,
+            warnings=tuple(source.warnings),
         )
         start = stop
     return out
@@ -182,6 +241,8 @@ def load_splits(
     resize: str = preprocessing.DEFAULT_RESIZE,
     *,
     manual_dir: str | None = None,
+    dataset: str = "sipakmed",
+    options: Mapping | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
@@ -190,49 +251,65 @@ def load_splits(
 ) -> Cache:
     """The union of TFDS `splits` ('fold0' ... 'fold4') as this process's `Cache`.
 
-    Reads the built dataset under `data_dir` (`data_dir/sipakmed/<config_name>/<version>`, or a
-    versioned builder dir itself), or, with `data_dir=None, manual_dir=M`, the raw tree
-    directly (same folds, same arrays, no TFDS; `.7z` archives there are checked against
-    `archive_checksums`, see `tfds_sipakmed.layout.resolve_checksums`).
+    Reads the built dataset under `data_dir` (`data_dir/<dataset>/<config_name>/<version>`, or
+    a versioned builder dir itself), or, with `data_dir=None, manual_dir=M`, the raw tree
+    directly through the dataset's reader with `options` (same folds, same arrays, no TFDS;
+    SIPaKMeD's `.7z` archives there are checked against `archive_checksums`, see
+    `tfds_sipakmed.layout.resolve_checksums`).
     """
     preprocessing._check_policy(resize)
     pi, pc = _process(process_index, process_count)
     source = open_source(
-        data_dir, manual_dir, config_name, splits, log=log, archive_checksums=archive_checksums
+        data_dir,
+        manual_dir,
+        config_name,
+        splits,
+        dataset=dataset,
+        options=options,
+        log=log,
+        archive_checksums=archive_checksums,
     )
     subsets = {"all": range(len(source))}
     return _materialise(source, subsets, image_size, resize, pi, pc, num_threads)["all"]
 
 
 def carve_validation(
-    cluster_id: Sequence[str],
+    group_id: Sequence[str],
     label: Sequence[int],
     fraction: float,
     seed: int = 0,
 ) -> np.ndarray:
     """bool [n]: True for the examples set aside for validation.
 
-    Grouped and stratified: whole cluster images go to validation (cells of one cluster share
-    slide, stain and background, so splitting a cluster would leak), chosen per class so that
-    each class gives about `fraction` of its cells. Per class, clusters are visited in the
-    order of `sha256(f"{seed}/{cluster_id}")`; a cluster is taken when it brings the class's
-    validation count closer to `fraction * class count`. Each class with at least two
-    clusters gives at least one and keeps at least one for training. Deterministic: a pure
-    function of the (cluster_id, label) pairs, `fraction` and `seed`, whatever their order.
+    Grouped and stratified: whole groups (SIPaKMeD's cluster images, a lab's slides) go to
+    validation (cells of one group share slide, stain and background, so splitting a group
+    would leak), chosen per class so that each class gives about `fraction` of its cells. Per
+    class, groups are visited in the order of `sha256(f"{seed}/{group_id}")`; a group is taken
+    when it brings the class's validation count closer to `fraction * class count`. Each class
+    with at least two groups gives at least one and keeps at least one for training. A group
+    holding several classes is decided by the first class (lowest label) it has; its cells
+    of other classes follow it. Deterministic: a pure function of the (group_id, label) pairs,
+    `fraction` and `seed`, whatever their order.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation_fraction must lie in [0, 1), got {fraction}.")
-    cluster_id = [str(c) for c in cluster_id]
+    group_id = [str(c) for c in group_id]
     label = np.asarray(label)
-    mask = np.zeros(len(cluster_id), bool)
+    mask = np.zeros(len(group_id), bool)
     if fraction == 0:
         return mask
+    rows_of: dict[str, list[int]] = {}
+    for r, g in enumerate(group_id):
+        rows_of.setdefault(g, []).append(r)
+    decided: set[str] = set()
     for c in np.unique(label):
-        clusters: dict[str, list[int]] = {}
+        groups: dict[str, list[int]] = {}
         for r in np.nonzero(label == c)[0]:
-            clusters.setdefault(cluster_id[r], []).append(int(r))
-        for cid in _carve_class(clusters, fraction, seed):
-            mask[clusters[cid]] = True
+            if group_id[r] not in decided:
+                groups.setdefault(group_id[r], []).append(int(r))
+        for gid in _carve_class(groups, fraction, seed):
+            mask[rows_of[gid]] = True
+        decided.update(groups)
     return mask
 
 
@@ -263,6 +340,8 @@ def load_folds(
     validation_fraction: float,
     validation_seed: int = 0,
     manual_dir: str | None = None,
+    dataset: str = "sipakmed",
+    options: Mapping | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
@@ -272,7 +351,7 @@ def load_folds(
     """{'train', 'validation', 'test'} Caches for one cross-validation round.
 
     'test' is fold `test_fold`; the other folds are split by `carve_validation` into
-    'validation' (whole cluster images, about `validation_fraction` of each class) and
+    'validation' (whole groups, about `validation_fraction` of each class) and
     'train'. With `validation_fraction=0` the 'validation' cache is empty.
     """
     preprocessing._check_policy(resize)
@@ -286,13 +365,15 @@ def load_folds(
         manual_dir,
         config_name,
         (*rest, test),
+        dataset=dataset,
+        options=options,
         log=log,
         archive_checksums=archive_checksums,
     )
     records = source.records
     rest_rows = [i for i, r in enumerate(records) if r.split != test]
     val = carve_validation(
-        [records[i].cluster_id for i in rest_rows],
+        [records[i].group_id for i in rest_rows],
         [records[i].label for i in rest_rows],
         validation_fraction,
         validation_seed,

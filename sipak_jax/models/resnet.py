@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sipak_jax.models import conv, pooling
+from sipak_jax.models import conv, heads, pooling
 
 # depth -> (block kind, blocks per stage)
 DEPTHS = {
@@ -177,6 +177,8 @@ class ResNet(nnx.Module):
       dtype: computation type; parameters and statistics stay float32.
       stage_sizes: blocks per stage, overriding the depth table (e.g. ``(1, 1, 1, 1)``).
       bn_momentum: overrides the variant's BatchNorm momentum (NNX convention).
+      head: ``"gap"`` (global average pooling, the default) or ``"attention"``
+        (``sipak_jax.models.heads.AttentionPool`` over the last stage; ``attention_map(x)``).
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` when ``dropout_rate > 0``).
     """
 
@@ -191,6 +193,7 @@ class ResNet(nnx.Module):
         dtype=jnp.float32,
         stage_sizes: tuple[int, ...] | None = None,
         bn_momentum: float | None = None,
+        head: str = "gap",
         rngs: nnx.Rngs,
     ):
         if depth not in DEPTHS:
@@ -233,6 +236,10 @@ class ResNet(nnx.Module):
             setattr(self, f"layer{stage}", nnx.List(blocks))
         self.num_features = cin
 
+        self.head = heads.check_head(head)
+        self.attention_pool = (
+            heads.AttentionPool(cin, dtype=dtype, rngs=rngs) if head == "attention" else None
+        )
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate > 0 else None
         if num_classes > 0:
             self.fc = nnx.Linear(cin, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -261,7 +268,10 @@ class ResNet(nnx.Module):
         for s in range(stage + 1, NUM_STAGES + 1):
             for block in self._stage(s):
                 x = block(x)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.attention_pool is None:
+            x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        else:
+            x = self.attention_pool(x)[0]
         if self.dropout is not None:
             x = self.dropout(x)
         if self.fc is None:
@@ -271,6 +281,27 @@ class ResNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Logits [B, num_classes] (float32) for normalised NHWC images."""
         return self.classify(self.features(x, NUM_STAGES), NUM_STAGES)
+
+    def attention_map(self, x: jax.Array) -> jax.Array:
+        """The attention head's weights [B,h,w] over the last stage (each image sums to 1)."""
+        if self.attention_pool is None:
+            raise ValueError("this ResNet has no attention head (model.head is 'gap')")
+        return self.attention_pool.weights(self.features(x, NUM_STAGES))
+
+    num_stages = NUM_STAGES
+    num_layer_ids = NUM_STAGES + 2
+
+    def layer_id(self, param_path: str) -> int:
+        """Layer-wise learning-rate decay group of a parameter path (``"layer2/0/conv1/kernel"``):
+        0 the stem (``conv1``, ``bn1``), 1..4 the stages, ``num_layer_ids - 1`` the head."""
+        top = str(param_path).split("/")[0]
+        if top in ("conv1", "bn1"):
+            return 0
+        if top.startswith("layer") and top[len("layer") :].isdigit():
+            return int(top[len("layer") :])
+        if top in ("fc", "attention_pool"):
+            return self.num_layer_ids - 1
+        raise ValueError(f"{param_path!r} is not a parameter path of a ResNet")
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this architecture (metadata ``model``)."""
@@ -282,9 +313,98 @@ class ResNet(nnx.Module):
         }
         if self.stage_sizes != DEPTHS[self.depth][1]:
             out["stage_sizes"] = list(self.stage_sizes)
+        if self.head != "gap":  # written only when set: older metadata stays as it was
+            out["head"] = self.head
         return out
 
 
 def _check_stage(stage):
     if not isinstance(stage, int) or not 0 <= stage <= NUM_STAGES:
         raise ValueError(f"stage must be an int in 0..{NUM_STAGES}, got {stage!r}")
+
+
+# ---- The registry's family interface (sipak_jax.models.registry) -----------------------------
+
+_CONFIG_KEYS = ("depth", "variant", "num_classes", "width", "stage_sizes", "head")
+
+
+def from_config(config, *, dtype=jnp.float32, dropout_rate=0.0, drop_path=0.0, rngs) -> ResNet:
+    """The ResNet of a model config (depth, variant, num_classes, width, optional
+    stage_sizes). ``drop_path`` must be 0: these ResNets have no stochastic depth."""
+    if drop_path:
+        raise ValueError(
+            f"config.model.drop_path={drop_path}: ResNet has no stochastic depth; set it to 0."
+        )
+    try:
+        depth, variant, num_classes = config["depth"], config["variant"], config["num_classes"]
+    except KeyError as e:
+        raise ValueError(
+            f"model config lacks {e.args[0]!r} (has {sorted(config)}); a ResNet needs depth, "
+            "variant, num_classes, width."
+        ) from None
+    stage_sizes = config.get("stage_sizes")
+    return ResNet(
+        int(depth),
+        int(num_classes),
+        variant=variant,
+        width=int(config.get("width", 64)),
+        stage_sizes=tuple(stage_sizes) if stage_sizes else None,
+        dropout_rate=dropout_rate,
+        dtype=dtype,
+        head=config.get("head", "gap"),
+        rngs=rngs,
+    )
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"field {field!r}: {message}")
+
+
+def check_config(config) -> None:
+    """Raises ValueError naming the first unusable field of a ResNet model config."""
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    missing = [k for k in _CONFIG_KEYS[:4] if k not in config]
+    if unknown or missing:
+        _fail("model", f"unknown keys {unknown}, missing keys {missing}")
+    if not isinstance(config["depth"], int) or config["depth"] not in DEPTHS:
+        _fail("model.depth", f"must be one of {sorted(DEPTHS)}, got {config['depth']!r}")
+    if config["variant"] not in VARIANTS:
+        _fail("model.variant", f"must be one of {VARIANTS}, got {config['variant']!r}")
+    for key, low in (("num_classes", 0), ("width", 1)):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            _fail(f"model.{key}", f"must be an integer >= {low}, got {value!r}")
+    sizes = config.get("stage_sizes")
+    if sizes is not None and (
+        not isinstance(sizes, (list, tuple))
+        or len(sizes) != NUM_STAGES
+        or not all(isinstance(n, int) and n >= 1 for n in sizes)
+    ):
+        _fail("model.stage_sizes", f"must be null or 4 positive integers, got {sizes!r}")
+    heads.check_head(config.get("head", "gap"))
+
+
+def training_config(model, num_classes: int) -> dict:
+    """The model config of a training config's ``config.model`` (depth, variant, width,
+    stage_sizes), as ``ResNet.config()`` writes it."""
+    out = {
+        "depth": int(model.depth),
+        "variant": model.variant,
+        "num_classes": int(num_classes),
+        "width": int(model.width),
+    }
+    sizes = model.get("stage_sizes")
+    if sizes and tuple(sizes) != DEPTHS[out["depth"]][1]:
+        out["stage_sizes"] = [int(n) for n in sizes]
+    head = model.get("head") or "gap"
+    if heads.check_head(head) != "gap":
+        out["head"] = head
+    return out
+
+
+def describe(config) -> str:
+    """'ResNet-50 v1.5, width 64' (and the blocks per stage when not the depth's)."""
+    sizes = config.get("stage_sizes")
+    stages = f", stages {tuple(sizes)}" if sizes else ""
+    head = ", attention head" if config.get("head") == "attention" else ""
+    return f"ResNet-{config['depth']} {config['variant']}, width {config['width']}{stages}{head}"

@@ -9,7 +9,11 @@ batched, jitted methods (`METHODS`).
 
 Methods (see each module): the CAM family (`cam.py`), gradients and SmoothGrad
 (`gradients.py`), Integrated Gradients and Blur IG (`integrated.py`), XRAI (`xrai.py`),
-occlusion (`occlusion.py`). Overlays: `overlay.py`; evaluation: `metrics.py`.
+occlusion (`occlusion.py`), attention rollout for ViTs and the attention head's own map
+(`attention.py`: 'rollout', 'attention_head'). Overlays: `overlay.py`; evaluation: `metrics.py`.
+
+ViTs: the CAM family works on the patch-token grid (`ViT.features(x, stage)`; the class token
+the later blocks need travels as `features_with_context`'s context, see `core.py`).
 
 The CAM family works at any stage (`stage=1..4`); `overlay_stage(model, image_size)` is the
 stage overlays use (the deepest whose map is at least `MIN_MAP_SIZE` x `MIN_MAP_SIZE`, see
@@ -31,7 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sipak_jax.saliency import cam, gradients, imageops, integrated, occlusion, xrai
+from sipak_jax.saliency import (
+    attention,
+    cam,
+    gradients,
+    imageops,
+    integrated,
+    occlusion,
+    xrai,
+)
 from sipak_jax.saliency.cam import MIN_MAP_SIZE, layer_name, overlay_stage, stage_map_sizes
 from sipak_jax.saliency.core import ModelFunctions, as_functions, check_score
 
@@ -138,6 +150,14 @@ def _occlusion(fns, x, target, score, stage, **opts):
     return {"maps": occlusion.occlusion(fns, x, target, score, **opts)}
 
 
+def _rollout(fns, x, target, score, stage, **opts):
+    return {"low_res": attention.rollout(fns, x, **opts)}
+
+
+def _attention_head(fns, x, target, score, stage, **opts):
+    return {"low_res": attention.attention_head_map(fns, x, **opts)}
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -164,6 +184,12 @@ register("ig", _ig, "attribution", "Integrated Gradients (Sundararajan et al. 20
 register("blur_ig", _blur_ig, "attribution", "Blur IG (Xu et al. 2020)")
 register("xrai", _xrai, "attribution", "XRAI on IG (Kapishnikov et al. 2019)")
 register("occlusion", _occlusion, "attribution", "occlusion (Zeiler & Fergus 2014)")
+register(
+    "rollout", _rollout, "cam", "attention rollout (Abnar & Zuidema 2020), ViT, class-agnostic"
+)
+register(
+    "attention_head", _attention_head, "cam", "the attention head's own weights, class-agnostic"
+)
 
 # Options that only some methods take; `explain` passes them where they apply.
 _TAKES_SPEC = ("ig", "xrai")

@@ -41,9 +41,15 @@ _PLUSPLUS_EPS = 1e-6
 MIN_MAP_SIZE = 7
 
 
-def layer_name(stage: int) -> str:
-    """The ResNet attribute holding `stage`'s blocks (`layer1`..`layer4`, torchvision's names;
-    `stem` for 0)."""
+def layer_name(stage: int, model=None) -> str:
+    """Where `stage`'s map is taken: the model's own `stage_name(stage)` when it has one (a
+    ViT: "blocks 1-3", ...), else the ResNet attribute holding the stage's blocks
+    (`layer1`..`layer4`, torchvision's names; `stem` for 0). `model`: a model or a
+    `ModelFunctions`."""
+    if isinstance(model, ModelFunctions):
+        model = model.model()
+    if model is not None and hasattr(model, "stage_name"):
+        return model.stage_name(stage)
     return "stem" if stage == 0 else f"layer{stage}"
 
 

@@ -89,9 +89,19 @@ class ModelFunctions:
         model = nnx.merge(self.graphdef, state)
         return model.features(x, stage)
 
-    def classify_pure(self, state, h, stage):
+    def features_with_context_pure(self, state, x, stage):
+        """(activations [B,h,w,C], context): the context is what `classify` needs besides
+        the activations (a ViT's class token, `features_with_context`); None for a CNN."""
         model = nnx.merge(self.graphdef, state)
-        return model.classify(h, stage)
+        if hasattr(model, "features_with_context"):
+            return model.features_with_context(x, stage)
+        return model.features(x, stage), None
+
+    def classify_pure(self, state, h, stage, context=None):
+        model = nnx.merge(self.graphdef, state)
+        if context is None:
+            return model.classify(h, stage)
+        return model.classify(h, stage, context)
 
     def score_pure(self, state, x, target, score):
         return select_score(self.logits_pure(state, x), target, score)
@@ -108,10 +118,10 @@ class ModelFunctions:
 
     def feature_gradients_pure(self, state, x, target, score, stage):
         """(activations A [B,h,w,C] of `stage`, d score / d A, score [B])."""
-        acts = self.features_pure(state, x, stage)
+        acts, context = self.features_with_context_pure(state, x, stage)
 
         def total(h):
-            s = select_score(self.classify_pure(state, h, stage), target, score)
+            s = select_score(self.classify_pure(state, h, stage, context), target, score)
             return jnp.sum(s), s
 
         grads, scores = jax.grad(total, has_aux=True)(acts)

@@ -13,8 +13,9 @@
   its 8 neighbours, then Gaussian noise); mean target probability over the fractions.
 - `cell_masks` / `localisation`: share of the positive saliency inside the nucleus, a
   perinuclear ring, the rest of the cytoplasm and the background, built from the crop-level
-  contours mapped into the input frame; and the pointing game (where the map's maximum
-  falls). Each beside its chance level: the region's share of the image area.
+  contours mapped into the input frame (`mask_regions`: the same from crop-level masks, e.g.
+  Herlev's segmentation images); and the pointing game (where the map's maximum falls). Each
+  beside its chance level: the region's share of the image area.
 """
 
 from __future__ import annotations
@@ -42,6 +43,35 @@ RESNET_CASCADE = (
     ("stage1", ("layer1",)),
     ("stem", ("conv1", "bn1")),
 )
+# ConvNeXts (sipak_jax.models.convnext): each stage with the downsampling layer before it.
+CONVNEXT_CASCADE = (
+    ("head", ("fc", "attention_pool", "norm")),
+    ("stage4", ("stage4", "down4")),
+    ("stage3", ("stage3", "down3")),
+    ("stage2", ("stage2", "down2")),
+    ("stage1", ("stage1",)),
+    ("stem", ("stem_conv", "stem_norm")),
+)
+# ViTs (sipak_jax.models.vit): the head, then every block at once (one top-level attribute),
+# then the embeddings.
+VIT_CASCADE = (
+    ("head", ("fc", "attention_pool", "norm")),
+    ("blocks", ("blocks",)),
+    ("embeddings", ("patch_embed", "cls_token", "pos_embed")),
+)
+
+
+def cascade_for(model) -> tuple:
+    """The randomisation cascade of a model: `VIT_CASCADE` for a ViT, `CONVNEXT_CASCADE` for
+    a ConvNeXt, else the ResNet one (with an attention head, its pool is randomised with
+    `fc`)."""
+    if hasattr(model, "attention_weights"):
+        return VIT_CASCADE
+    if hasattr(model, "stem_conv"):
+        return CONVNEXT_CASCADE
+    if getattr(model, "attention_pool", None) is not None:
+        return (("head", ("fc", "attention_pool")), *RESNET_CASCADE[1:])
+    return RESNET_CASCADE
 
 
 # ---------------------------------------------------------------- completeness -------------
@@ -56,8 +86,9 @@ def ig_completeness(model, x, target=None, **ig_options) -> np.ndarray:
 # ---------------------------------------------------------------- randomisation ------------
 def randomized_state(fns: ModelFunctions, prefixes, seed: int = 0, state=None):
     """A copy of the model state whose parameters under the top-level attributes `prefixes`
-    are re-initialised (kernels He-normal, biases and BatchNorm shifts 0, BatchNorm scales 1;
-    BatchNorm statistics kept)."""
+    are re-initialised (kernels He-normal, biases and BatchNorm shifts 0, BatchNorm and
+    LayerNorm scales 1, ConvNeXt layer scales 1 (not their 1e-6 start, which would switch the
+    randomised blocks off instead of randomising them); BatchNorm statistics kept)."""
     # Fresh Variable objects: updating a model merged from `state` itself would write into it.
     source = fns.state if state is None else state
     model = fns.model(jax.tree.map(lambda a: a, source))
@@ -75,7 +106,7 @@ def randomized_state(fns: ModelFunctions, prefixes, seed: int = 0, state=None):
         if "kernel" in names:
             fan_in = int(np.prod(leaf.shape[:-1]))
             return jax.random.normal(k, leaf.shape, leaf.dtype) * np.sqrt(2.0 / fan_in)
-        if "scale" in names:
+        if "scale" in names or "layer_scale" in names:
             return jnp.ones_like(leaf)
         return jnp.zeros_like(leaf)
 
@@ -99,7 +130,7 @@ def randomization_sanity(
     x,
     method: str,
     target=None,
-    cascade=RESNET_CASCADE,
+    cascade=None,
     absolute: bool = True,
     seed: int = 0,
     **options,
@@ -107,8 +138,9 @@ def randomization_sanity(
     """{level: Spearman correlation [B]} between each image's map from the trained model and
     from the model with the layers of `cascade` re-initialised cumulatively down to `level`.
     The target stays the trained model's prediction (or the given one). `absolute` compares
-    |map| (as Adebayo et al.)."""
+    |map| (as Adebayo et al.). `cascade` None: `cascade_for` the model."""
     fns = as_functions(model)
+    cascade = cascade_for(fns.model()) if cascade is None else cascade
     x = jnp.asarray(x, jnp.float32)
     tgt = fns.resolve_target(x, target)
     base = _maps_with_state(fns, x, method, tgt, fns.state, **options)
@@ -326,7 +358,33 @@ def cell_masks(
     cell. background: outside the cell (and nucleus). The four partition the frame."""
     nuc = _fill(preprocessing.crop_to_frame(nucleus_xy, crop_shape, size, policy), size)
     cell = _fill(preprocessing.crop_to_frame(cytoplasm_xy, crop_shape, size, policy), size)
-    cell |= nuc
+    return _regions(nuc, cell | nuc, ring_fraction)
+
+
+def _mask_to_frame(mask: np.ndarray, size: int, policy: str) -> np.ndarray:
+    """A crop-level bool mask [h, w] in the `size` x `size` input frame (nearest neighbour,
+    the transform `crop_to_frame` applies to points)."""
+    sx, sy, ox, oy = preprocessing.frame_transform(mask.shape, size, policy)
+    affine = np.float32([[sx, 0, (ox + 0.5) * sx - 0.5], [0, sy, (oy + 0.5) * sy - 0.5]])
+    out = cv2.warpAffine(
+        np.asarray(mask, np.uint8), affine, (size, size), flags=cv2.INTER_NEAREST, borderValue=0
+    )
+    return out.astype(bool)
+
+
+def mask_regions(
+    nucleus_mask, cytoplasm_mask, size: int, policy: str = "pad", ring_fraction: float = 0.5
+) -> dict[str, np.ndarray]:
+    """`cell_masks`'s regions from crop-level bool masks [h, w] (Herlev's segmentation images)
+    instead of contours; `cytoplasm_mask` may or may not include the nucleus."""
+    nucleus_mask = np.asarray(nucleus_mask, bool)
+    nuc = _mask_to_frame(nucleus_mask, size, policy)
+    cell = _mask_to_frame(np.asarray(cytoplasm_mask, bool) | nucleus_mask, size, policy)
+    return _regions(nuc, cell | nuc, ring_fraction)
+
+
+def _regions(nuc: np.ndarray, cell: np.ndarray, ring_fraction: float) -> dict[str, np.ndarray]:
+    """nucleus, perinuclear ring, rest of the cytoplasm, background from frame masks."""
     radius = np.sqrt(nuc.sum() / np.pi)
     width = max(1, int(round(ring_fraction * radius)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1))

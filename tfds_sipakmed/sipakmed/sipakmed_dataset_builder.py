@@ -94,6 +94,16 @@ variable {layout.ENV_ARCHIVE_CHECKSUMS}=FILE.
             ),
             supervised_keys=("image", "label"),
             homepage=layout.DOWNLOAD_PAGE,
+            # The taxonomy travels with the data (`metadata.json` in the builder dir).
+            metadata=tfds.core.MetadataDict(
+                taxonomy=SIPAKMED.to_dict(),
+                grouping={
+                    "rule": "cluster image",
+                    "value": "<Class>/NNN",
+                    "leak_free": self.builder_config.name == "grouped",
+                    "warning": "",
+                },
+            ),
         )
 
     def _download_and_prepare(self, dl_manager, download_config=None):
