@@ -101,6 +101,8 @@ def main():
     config.log_every_steps = 10
     config.writer = "jsonl"
     config.profile_steps = 5 if args.profile else 0
+    if args.profile:  # a cached executable keeps the source lines of the run that compiled it
+        config.compilation_cache_dir = ""
     config.evaluators = ("test",)  # no calibration, shortcuts, overlays or report
     config.num_overlay_cells = args.overlay_cells
 

@@ -6,7 +6,9 @@ augmentation, other device work, and the device idle.
 Reads the newest Perfetto trace under `--trace_dir` (`jax.profiler` with
 `create_perfetto_trace=True`, as the training loop's `Profile` action writes) and the
 optimised HLO that XLA dumped (`XLA_FLAGS=--xla_dump_to=DUMP`, as `benchmarks/gpu.py
---profile` sets). Each device event names its HLO module and instruction (`hlo_module`,
+--profile` sets, with the persistent compilation cache off: JAX's cache key leaves source
+locations out, so a cached executable carries the lines of the run that compiled it). Each
+device event names its HLO module and instruction (`hlo_module`,
 `hlo_op`); the instruction (for a fusion: every instruction fused into it) is classified by
 what it is and by the source file JAX recorded for it:
 
@@ -75,7 +77,7 @@ def source_of(frame_id: int, tables: dict) -> tuple[str, str]:
     path = tables.get("FileNames", {}).get(loc.get("file_name_id", -1), '""').strip('"')
     line = linecache.getline(path, loc.get("line", 0))
     if loc.get("line") == loc.get("end_line") and loc.get("end_column", 0) > 0:
-        line = line[max(loc.get("column", 1) - 1, 0) : loc["end_column"]]
+        line = line[loc.get("column", 0) : loc["end_column"]]  # 0-based columns
     return path, line.strip()
 
 
@@ -106,6 +108,8 @@ def classify(lines: list[str], tables: dict) -> str:
     sources = [source_of(int(f), tables) for f in _FRAME.findall(text)]
     if any(path.endswith("augment.py") for path, _ in sources):
         return "augmentation"
+    if any(path.endswith(os.path.join("models", "conv.py")) for path, _ in sources):
+        return "convolution"  # our formulations (pointwise, patches, depthwise) as dots
     calls = [code for _, code in sources]
     if any("tx.update" in c or "apply_updates" in c for c in calls):
         return "optimizer"
